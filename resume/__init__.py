@@ -1,0 +1,3 @@
+"""ReSuMe: Retriever-Summarizer Mutual Enhancement via reinforcement learning."""
+
+__version__ = "0.1.0"

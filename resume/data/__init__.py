@@ -1,0 +1,6 @@
+"""BEIR-format retrieval data: loading with validation, splits, toy generation."""
+
+from resume.data.beir import DataError, Document, RetrievalData, Split, load_beir
+from resume.data.load import load_dataset
+
+__all__ = ["DataError", "Document", "RetrievalData", "Split", "load_beir", "load_dataset"]

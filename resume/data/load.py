@@ -1,0 +1,130 @@
+"""The `data=` config entry point: locate (or download) a BEIR dataset, carve splits, subset."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from resume.data.beir import DataError, RetrievalData, Split, load_beir
+
+log = logging.getLogger(__name__)
+
+
+def _download(url: str, download_dir: str | Path, name: str) -> Path:
+    """BEIR's own download (users with a network); the folder is reused afterwards."""
+    from beir import util as beir_util  # heavy import, only when a download is needed
+
+    target = Path(download_dir) / name
+    if target.is_dir():
+        return target
+    log.info("downloading %s from %s into %s", name, url, download_dir)
+    Path(download_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(beir_util.download_and_unzip(url, str(download_dir)))
+    except Exception as e:  # network errors come in many types
+        raise DataError(
+            f"could not download dataset {name!r} from {url} ({type(e).__name__}: {e}); "
+            f"without a network, point data.path at a local BEIR folder"
+        ) from e
+
+
+def carve_dev(data: RetrievalData, source: str, fraction: float, seed: int, name: str = "dev") -> None:
+    """Move a seeded random `fraction` of `source`'s queries into a new split `name` (in place)."""
+    if name in data.splits:
+        raise DataError(f"dataset {data.name!r} already has a {name!r} split; set data.dev_from_train: null")
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"data.dev_from_train.fraction must be in (0, 1), got {fraction}")
+    src = data.split(source)
+    qids = sorted(src.qrels)
+    rng = np.random.default_rng(seed)
+    n_dev = max(1, int(round(fraction * len(qids))))
+    dev_ids = set(rng.choice(len(qids), size=n_dev, replace=False).tolist())
+    dev = [q for i, q in enumerate(qids) if i in dev_ids]
+    keep = [q for i, q in enumerate(qids) if i not in dev_ids]
+    data.splits[source] = Split(source, {q: src.queries[q] for q in keep}, {q: src.qrels[q] for q in keep})
+    data.splits[name] = Split(name, {q: src.queries[q] for q in dev}, {q: src.qrels[q] for q in dev})
+    data.notes.append(f"{name} = {n_dev} queries carved from {source} (fraction {fraction}, seed {seed})")
+
+
+def subset(
+    data: RetrievalData,
+    max_docs: int | None,
+    max_queries: Mapping[str, int] | None,
+    seed: int,
+) -> None:
+    """Shrink a dataset to a budget (in place), keeping every judged-relevant document of kept queries.
+
+    Queries are sampled per split first; the corpus then keeps all documents relevant to a
+    kept query and is filled with seeded random other documents up to `max_docs`.
+    """
+    rng = np.random.default_rng(seed)
+    for split_name, limit in (max_queries or {}).items():
+        sp = data.split(split_name)
+        if limit is None or len(sp.qrels) <= limit:
+            continue
+        qids = sorted(sp.qrels)
+        keep = sorted(qids[i] for i in rng.choice(len(qids), size=int(limit), replace=False))
+        data.splits[split_name] = Split(split_name, {q: sp.queries[q] for q in keep}, {q: sp.qrels[q] for q in keep})
+        data.notes.append(f"{split_name}: {limit} of {len(qids)} queries sampled (seed {seed})")
+    if max_docs is None or len(data.corpus) <= max_docs:
+        return
+    required = sorted({d for sp in data.splits.values() for docs in sp.qrels.values() for d, g in docs.items() if g > 0})
+    if len(required) > max_docs:
+        raise DataError(
+            f"data.max_docs={max_docs} is smaller than the {len(required)} documents judged relevant to the kept "
+            f"queries; raise data.max_docs or lower data.max_queries"
+        )
+    required_set = set(required)
+    others = sorted(d for d in data.corpus if d not in required_set)
+    fill = rng.choice(len(others), size=max_docs - len(required), replace=False)
+    kept = required_set | {others[i] for i in fill}
+    n_before = len(data.corpus)
+    data.corpus = {d: doc for d, doc in data.corpus.items() if d in kept}  # keep file order
+    for name, sp in list(data.splits.items()):
+        qrels = {q: {d: g for d, g in docs.items() if d in kept} for q, docs in sp.qrels.items()}
+        data.splits[name] = Split(name, sp.queries, qrels)
+    data.notes.append(
+        f"corpus: {max_docs} of {n_before} documents (all {len(required)} relevant to kept queries + seeded random fill, "
+        f"seed {seed})"
+    )
+
+
+def load_dataset(
+    name: str,
+    path: str | None,
+    splits: list[str],
+    eval_split: str,
+    url: str | None = None,
+    download_dir: str | None = None,
+    dev_from_train: Mapping[str, float] | None = None,
+    max_docs: int | None = None,
+    max_queries: Mapping[str, int] | None = None,
+    seed: int = 0,
+    generator: Mapping | None = None,
+) -> RetrievalData:
+    """Build the dataset a `data=` config describes.
+
+    Resolution order: `path` if it is a folder; else `generator` (toy data written by code);
+    else `url` downloaded into `download_dir` with BEIR's downloader.
+    """
+    folder: Path | None = Path(path) if path else None
+    if folder is None or not folder.is_dir():
+        if generator is not None:
+            from resume.data.toy import write_toy
+
+            if folder is None:
+                raise DataError(f"data.path must be set for the generated dataset {name!r}")
+            write_toy(folder, **dict(generator))
+        elif url:
+            folder = _download(url, download_dir or "data", name)
+        else:
+            raise DataError(f"data.path={path!r} for dataset {name!r} is not a folder and no data.url is set")
+    data = load_beir(folder, list(splits), name=name)
+    if dev_from_train:
+        carve_dev(data, "train", float(dev_from_train["fraction"]), int(dev_from_train["seed"]))
+    subset(data, max_docs, max_queries, seed)
+    data.split(eval_split)  # fail early on a missing eval split
+    return data

@@ -1,0 +1,1 @@
+"""The LLM summarizer: prompts, generation, parsing, and the GRPO objective."""

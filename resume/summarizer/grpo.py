@@ -1,0 +1,392 @@
+"""The GRPO objective as plain functions on tensors.
+
+Each function re-derives, in our own code, the mathematics of TRL 1.16's `GRPOTrainer`
+(`_generate_and_score_completions` for advantages, `_compute_loss` for the loss), so the
+summarizer can be trained by any loop (Lightning, DeepSpeed) while staying numerically
+identical to TRL. `tests/unit/test_grpo.py` checks that equality against a real
+`trl.GRPOTrainer` for every shared loss type.
+
+Layout conventions (the same as TRL's):
+- rewards / advantages are flat `[B]` with `B = num_prompts * k`, laid out group by group
+  (the `k` completions of one prompt are consecutive);
+- per-token tensors (`logps`, `old_logps`, `ref_logps`, `mask`) are `[B, T]` over the
+  completion tokens only; `mask` is 1 for a real completion token, 0 for padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+ADVANTAGE_KINDS = ("zscore", "softmax")
+# Normalisations of the summed per-token loss, under TRL 1.16's names. TRL's other loss types
+# ("cispo", "sapo", "vespo", "luspo") change the surrogate itself, not its normalisation.
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+__all__ = [
+    "ADVANTAGE_KINDS",
+    "LOSS_TYPES",
+    "group_advantages",
+    "grpo_loss",
+    "masked_mean",
+    "per_token_loss",
+    "reduce_loss",
+    "sequence_logps",
+    "zero_variance_fraction",
+]
+
+
+# --------------------------------------------------------------------------- advantages
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    """Validate flat group-major rewards and view them as `[num_groups, group_size]`."""
+    if group_size < 2:
+        raise ValueError(
+            f"num_generations (k) ({group_size}) must be >= 2 for group-relative advantages; "
+            "set summarizer.grpo.num_generations>=2"
+        )
+    if rewards.dim() != 1:
+        raise ValueError(
+            f"rewards must be flat [B*k], got shape {tuple(rewards.shape)}; flatten them group by group"
+        )
+    if rewards.numel() == 0 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards has {rewards.numel()} entries, not a positive multiple of num_generations (k) = {group_size}; "
+            "pass the k completions of every prompt, group by group"
+        )
+    if not torch.isfinite(rewards).all():
+        # TRL turns unscorable (None) rewards into NaN and zeroes their advantage; our reward always
+        # scores, so a non-finite value is a bug upstream and must not silently become "no signal".
+        raise ValueError(f"rewards must be finite, got {rewards.tolist()}")
+    return rewards.view(-1, group_size)
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    *,
+    kind: str = "zscore",
+    scale: bool = True,
+    eps: float = 1e-4,
+    temperature: float = 0.5,
+) -> Tensor:
+    """Group-relative advantages, one per completion.
+
+    Args:
+        rewards: `[B*k]` scalar rewards, the `k` completions of each prompt consecutive.
+        group_size: `k`, the number of completions per prompt (`num_generations`), >= 2.
+        kind: `"zscore"`: standard GRPO, `A_i = (r_i - mean_g r) / (std_g r + eps)`, with the
+            unbiased (Bessel-corrected, `/(k-1)`) group std, as TRL 1.16 (`nanstd`). With
+            `scale=False` only the group mean is subtracted (Dr. GRPO; TRL `scale_rewards="none"`).
+            `"softmax"`: the paper's Eq. 1 as pinned in METHOD.md,
+            `A_i = softmax(r / temperature)_i - 1/k` (zero-sum within each group).
+        scale: divide by the group std (`"zscore"` only).
+        eps: added to the std, TRL's constant `1e-4`; an all-equal group gets advantage 0.
+        temperature: softmax temperature (`"softmax"` only; the paper's beta = 0.5).
+
+    Returns:
+        `[B*k]` advantages, same dtype and device as `rewards`.
+    """
+    grouped = _grouped(rewards, group_size)
+    if kind == "zscore":
+        advantages = grouped - grouped.mean(dim=1, keepdim=True)
+        if scale:
+            advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)  # unbiased, as TRL's nanstd
+    elif kind == "softmax":
+        if temperature <= 0:
+            raise ValueError(f"softmax advantage temperature ({temperature}) must be > 0")
+        advantages = torch.softmax(grouped / temperature, dim=1) - 1.0 / group_size
+    else:
+        raise ValueError(f"unknown advantage kind {kind!r}; valid kinds: {', '.join(ADVANTAGE_KINDS)}")
+    return advantages.reshape(-1)
+
+
+def zero_variance_fraction(rewards: Tensor, group_size: int) -> float:
+    """Fraction of groups whose rewards are all equal: they carry no learning signal.
+
+    "Equal" uses TRL's test for its `frac_reward_zero_std` metric: the group's unbiased std is
+    `torch.isclose` to 0 (absolute tolerance 1e-8). Every group has `k` completions, so this
+    equals TRL's per-completion average.
+    """
+    std = _grouped(rewards, group_size).std(dim=1)
+    return torch.isclose(std, torch.zeros_like(std)).float().mean().item()
+
+
+# --------------------------------------------------------------------------- per-token loss
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `x` over the entries where `mask` is non-zero (0 when the mask is empty)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _check_shapes(logps: Tensor, mask: Tensor, **others: Tensor | None) -> None:
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be [B, T], got shape {tuple(logps.shape)}")
+    for name, tensor in {"mask": mask, **others}.items():
+        if tensor is not None and tensor.shape != logps.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, logps has {tuple(logps.shape)}; both must be [B, T]"
+            )
+
+
+def per_token_loss(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logps: Tensor | None = None,
+    delta: float | None = None,
+    kl_ratio_correction: bool = True,
+) -> tuple[Tensor, dict[str, float]]:
+    """Token-level clipped surrogate of GRPO, plus `beta` times the k3 KL to the reference.
+
+    With `ratio = exp(logps - old_logps)` and `A` the sequence advantage broadcast over tokens:
+    `loss_t = -min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)
+             + beta * w * (exp(ref - logp) - (ref - logp) - 1)`,
+    the k3 estimator of KL(pi || ref), weighted by `w = ratio` (`kl_ratio_correction`, TRL 1.16's
+    default `use_bias_correction_kl=True`: it makes the KL gradient the unbiased reverse-KL
+    gradient for tokens sampled from the old policy; the ratio carries gradient even where it is 1)
+    or by `w = 1` (the plain k3 penalty of DeepSeekMath / earlier TRL).
+
+    Args:
+        logps: `[B, T]` log-probs of the sampled tokens under the current policy (with grad).
+        old_logps: `[B, T]` log-probs under the sampling policy; `None` means on-policy
+            (`logps.detach()`, TRL's shortcut when each batch is used for one step).
+        advantages: `[B]` (or `[B, 1]`) one advantage per completion.
+        mask: `[B, T]` 1 for completion tokens, 0 for padding (only used for the stats).
+        epsilon_low, epsilon_high: clip range (DAPO's clip-higher when `epsilon_high > epsilon_low`).
+        beta: KL coefficient; `> 0` requires `ref_logps`.
+        ref_logps: `[B, T]` log-probs under the frozen reference policy. When given with
+            `beta == 0` the KL is still reported (monitoring only).
+        delta: optional upper cap on the unclipped ratio (INTELLECT-2's two-sided clipping,
+            TRL `GRPOConfig.delta`); `None` disables it. It does not cap the KL weight, as in TRL.
+        kl_ratio_correction: weight the KL term by the (uncapped) ratio, TRL's
+            `use_bias_correction_kl`.
+
+    Returns:
+        The unreduced `[B, T]` loss (padding positions hold values; `reduce_loss` masks them)
+        and detached stats named as TRL logs them: `kl` (masked mean of the, possibly ratio-weighted,
+        per-token KL, when `ref_logps` is given),
+        `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean` (token fractions
+        clipped at the low bound with `A < 0`, at the high bound with `A > 0`, either),
+        `clip_ratio/low_min`, `clip_ratio/high_max` (extremes of the per-sequence fractions), and
+        `ratio/mean`, `ratio/min`, `ratio/max` over the completion tokens.
+    """
+    old_logps = logps.detach() if old_logps is None else old_logps
+    _check_shapes(logps, mask, old_logps=old_logps, ref_logps=ref_logps)
+    if advantages.dim() == 2 and advantages.size(1) == 1:
+        advantages = advantages.squeeze(1)
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(f"advantages must be [B] = [{logps.size(0)}], got shape {tuple(advantages.shape)}")
+    if beta < 0:
+        raise ValueError(f"beta ({beta}) must be >= 0")
+    if beta > 0 and ref_logps is None:
+        raise ValueError(
+            f"beta ({beta}) > 0 needs ref_logps (the frozen reference's log-probs); pass them or set beta=0"
+        )
+    if epsilon_low < 0 or epsilon_high < 0:
+        raise ValueError(
+            f"clip range must be non-negative, got epsilon_low={epsilon_low}, epsilon_high={epsilon_high}"
+        )
+
+    adv = advantages.to(logps.dtype).unsqueeze(1)  # [B, 1], broadcast over tokens
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    loss = -torch.min(unclipped * adv, clipped * adv)
+
+    stats: dict[str, float] = {}
+    if ref_logps is not None:
+        log_ref_ratio = ref_logps - logps
+        # k3: an unbiased, non-negative estimator of KL(pi || ref) from tokens sampled from pi
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0
+        if kl_ratio_correction:
+            kl = kl * ratio  # importance weight of a token drawn from pi_old, not pi
+        if beta > 0:
+            loss = loss + beta * kl
+        stats["kl"] = masked_mean(kl.detach(), mask).item()
+    stats.update(_clip_stats(ratio.detach(), adv.detach(), mask, epsilon_low, epsilon_high))
+    return loss, stats
+
+
+def _clip_stats(
+    ratio: Tensor, adv: Tensor, mask: Tensor, epsilon_low: float, epsilon_high: float
+) -> dict[str, float]:
+    """The clip fractions TRL logs: a token counts only where the clip bound is the active term of the min."""
+    mask_f = mask.to(ratio.dtype)
+    low = ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(ratio.dtype)
+    high = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(ratio.dtype)
+    region = torch.maximum(low, high)
+    lengths = mask_f.sum(dim=1)
+    has_tokens = lengths > 0  # TRL's per-sequence means are NaN for empty rows, then skipped by nanmin/nanmax
+    per_seq_low = (low * mask_f).sum(dim=1)[has_tokens] / lengths[has_tokens]
+    per_seq_high = (high * mask_f).sum(dim=1)[has_tokens] / lengths[has_tokens]
+    active = ratio[mask.bool()]
+    nan = float("nan")
+    return {
+        "clip_ratio/low_mean": masked_mean(low, mask_f).item(),
+        "clip_ratio/high_mean": masked_mean(high, mask_f).item(),
+        "clip_ratio/region_mean": masked_mean(region, mask_f).item(),
+        "clip_ratio/low_min": per_seq_low.min().item() if per_seq_low.numel() else nan,
+        "clip_ratio/high_max": per_seq_high.max().item() if per_seq_high.numel() else nan,
+        "ratio/mean": active.mean().item() if active.numel() else nan,
+        "ratio/min": active.min().item() if active.numel() else nan,
+        "ratio/max": active.max().item() if active.numel() else nan,
+    }
+
+
+# --------------------------------------------------------------------------- reduction
+def reduce_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    loss_type: str,
+    *,
+    max_completion_length: int | None = None,
+    num_active_tokens: float | Tensor | None = None,
+) -> Tensor:
+    """Reduce a `[B, T]` per-token loss to a scalar, under TRL 1.16's `loss_type` names.
+
+    - `"grpo"`: mean over each sequence's tokens, then mean over sequences (length-biased).
+    - `"bnpo"`: sum over the batch / number of active tokens in this (local) batch.
+    - `"dr_grpo"`: sum / (B * max_completion_length), a constant normaliser (Dr. GRPO).
+    - `"dapo"`: sum / number of active tokens. TRL divides by the token count of the whole
+      generation batch across processes and accumulation steps (`num_items_in_batch`, rescaled to
+      one accumulation window); with one process and one micro-batch per optimizer step that
+      count is this mask's, the default here. Pass `num_active_tokens` (the window-global count)
+      to reproduce TRL under accumulation or data parallelism.
+
+    The loss is per micro-batch: TRL further divides grpo/bnpo/dr_grpo by the number of gradient
+    accumulation steps; the caller's training loop owns that scaling.
+    """
+    if per_token.shape != mask.shape:
+        raise ValueError(
+            f"per_token {tuple(per_token.shape)} and mask {tuple(mask.shape)} must have the same [B, T] shape"
+        )
+    mask = mask.to(per_token.dtype)
+    masked = per_token * mask
+    if loss_type == "grpo":
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None or max_completion_length <= 0:
+            raise ValueError(
+                f"loss_type='dr_grpo' normalises by B * max_completion_length, got max_completion_length="
+                f"{max_completion_length}; pass the generation's max_new_tokens"
+            )
+        return masked.sum() / (per_token.size(0) * max_completion_length)
+    if loss_type == "dapo":
+        count = mask.sum() if num_active_tokens is None else torch.as_tensor(num_active_tokens)
+        return masked.sum() / count.to(per_token.dtype).clamp(min=1.0)
+    raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types: {', '.join(LOSS_TYPES)}")
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logps: Tensor | None = None,
+    delta: float | None = None,
+    kl_ratio_correction: bool = True,
+    max_completion_length: int | None = None,
+    num_active_tokens: float | Tensor | None = None,
+    entropies: Tensor | None = None,
+    prefix: str = "",
+) -> tuple[Tensor, dict[str, float]]:
+    """The full GRPO loss: `per_token_loss` reduced by `reduce_loss`.
+
+    Arguments are those of the two functions (`loss_type` defaults to TRL's default, `"dapo"`);
+    `entropies` (`[B, T]`, optional) are only logged (masked mean). Returns the scalar loss and
+    stats whose keys are `prefix` + name, e.g. `summarizer/train/clip_ratio/high_mean`.
+    """
+    if loss_type not in LOSS_TYPES:  # fail before any work
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types: {', '.join(LOSS_TYPES)}")
+    per_token, stats = per_token_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        beta=beta,
+        ref_logps=ref_logps,
+        delta=delta,
+        kl_ratio_correction=kl_ratio_correction,
+    )
+    loss = reduce_loss(
+        per_token,
+        mask,
+        loss_type,
+        max_completion_length=max_completion_length,
+        num_active_tokens=num_active_tokens,
+    )
+    stats = {"loss": loss.item(), **stats}
+    if entropies is not None:
+        stats["entropy"] = masked_mean(entropies.detach(), mask).item()
+    return loss, {f"{prefix}{key}": value for key, value in stats.items()}
+
+
+# --------------------------------------------------------------------------- log-probs
+def sequence_logps(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    logits_to_keep: int,
+    temperature: float = 1.0,
+    *,
+    batch_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs and entropies of the completion, the last `logits_to_keep` tokens.
+
+    Logits are divided by `temperature`, the sampling temperature, as TRL does, so the
+    log-probs are those of the distribution the completions were sampled from. Positions whose
+    `attention_mask` is 0 get log-prob 0 and entropy 0, as in TRL's fused LM head.
+
+    Args:
+        model: a Hugging Face causal LM (accepts `logits_to_keep`).
+        input_ids, attention_mask: `[B, P + C]` prompt followed by completion.
+        logits_to_keep: `C`, the completion length.
+        temperature: sampling temperature (> 0).
+        batch_size: rows per forward pass, to bound the `[rows, C, vocab]` logits in memory;
+            `None` = all at once.
+
+    Returns:
+        `(logps, entropies)`, both `[B, C]`; `logps` carries the graph, `entropies` is detached
+        (it is only logged).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature ({temperature}) must be > 0")
+    if not 0 < logits_to_keep < input_ids.size(1):
+        raise ValueError(
+            f"logits_to_keep ({logits_to_keep}) must be in [1, {input_ids.size(1) - 1}]: the completion must follow "
+            "at least one prompt token"
+        )
+    batch_size = batch_size or input_ids.size(0)
+    all_logps, all_entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids = input_ids[start : start + batch_size]
+        attn = attention_mask[start : start + batch_size]
+        # One extra position: the logit at t predicts token t+1, so C+1 logits cover the C completion
+        # tokens; the last one (after the final token) is dropped.
+        logits = model(
+            input_ids=ids, attention_mask=attn, logits_to_keep=logits_to_keep + 1, use_cache=False
+        ).logits
+        logits = logits[:, :-1, :] / temperature
+        targets = ids[:, -logits_to_keep:]
+        logps = selective_log_softmax(logits, targets)
+        with torch.no_grad():
+            entropies = entropy_from_logits(logits)
+        padding = attn[:, -logits_to_keep:] == 0
+        all_logps.append(logps.masked_fill(padding, 0.0))
+        all_entropies.append(entropies.masked_fill(padding, 0.0))
+    return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0)

@@ -1,0 +1,131 @@
+"""`python -m resume.train`: every experiment, baseline to full method, through one entry point."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from resume.utils import config as _config  # noqa: F401  (registers ${repo_root:})
+from resume.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("resume")
+
+
+def build_loggers(cfg: DictConfig | None) -> list[Any]:
+    """Lightning loggers from the `logger` group (a dict of named loggers; empty for none)."""
+    if not cfg:
+        return []
+    return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
+
+
+def close_loggers(loggers: list[Any], status: str) -> None:
+    """Always called, so a crashed job in a multirun never leaves an open W&B run behind."""
+    for lg in loggers:
+        try:
+            lg.finalize(status)
+        except Exception as e:  # a logger failing to close must not hide the real error
+            log.warning("closing logger %s failed: %s", type(lg).__name__, e)
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish(exit_code=0 if status == "success" else 1)
+
+
+def _check_run_folder(out: Path, resolved: str) -> None:
+    """Refuse to mix two different configs in one run folder (nothing computed is overwritten)."""
+    prev = out / "config_resolved.yaml"
+    if prev.exists() and prev.read_text() != resolved:
+        raise RuntimeError(
+            f"{out} already holds a run with a different configuration ({prev}); rerun with the same "
+            f"overrides to resume it, or add tag=<label> (or hydra.run.dir=...) to start a separate run"
+        )
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """A Markdown table of the rows this run produced."""
+    lines = [f"budget: {results['budget']}", "",
+             "| run | split | corpus | queries | " + " | ".join(results["metric_names"]) + " |",
+             "|---|---|---|---|" + "---|" * len(results["metric_names"])]
+    for split, res in results["eval"].items():
+        vals = " | ".join(f"{res['metrics'][m]:.4f}" for m in results["metric_names"])
+        corpus = f"{res['corpus']['name']} ({res['corpus']['size']} {res['view']})"
+        lines.append(f"| {results['experiment']} ({results['ablation']}) | {split} | {corpus} | {res['num_queries']} | {vals} |")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Build everything the config names, run it, write results.json, close the loggers."""
+    t0 = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    _check_run_folder(out, resolved)
+    atomic_write_text(out / "config_resolved.yaml", resolved)
+    loggers = build_loggers(cfg.get("logger"))
+    status = "failed"
+    try:
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+        def log_metrics(metrics: dict[str, float], step: int | None) -> None:
+            for lg in loggers:
+                lg.log_metrics(dict(metrics), step=step)
+
+        data = instantiate(cfg.data)
+        log.info("data: %s", json.dumps(data.describe()))
+        retriever = instantiate(cfg.retriever)
+        from resume.loop import Loop
+
+        loop = Loop(
+            data=data,
+            retriever=retriever,
+            evaluator=instantiate(cfg.eval),
+            out_dir=out,
+            cache_dir=cfg.paths.cache_dir,
+            eval_splits=list(cfg.eval_splits),
+            corpus_view=cfg.corpus_view,
+            log_metrics=log_metrics,
+        )
+        outcome = loop.run()
+        results = {
+            "experiment": cfg.experiment_name,
+            "ablation": cfg.ablation_name,
+            "seed": cfg.seed,
+            "budget": cfg.budget,
+            "metric_names": list(cfg.eval.metrics),
+            "data": data.describe(),
+            "retriever": retriever.describe(),
+            **outcome,
+            "wall_time_s": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+        atomic_write_json(out / "results.json", results)
+        table = results_table(results)
+        atomic_write_text(out / "results.md", table + "\n")
+        print(table)
+        print(f"\nrun folder: {out}")
+        status = "success"
+        return results
+    finally:
+        close_loggers(loggers, status)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    results = run(cfg)
+    split = cfg.data.eval_split
+    return results["eval"].get(split, {}).get("metrics", {}).get("ndcg@10")  # sweeper objective
+
+
+if __name__ == "__main__":
+    main()
