@@ -33,7 +33,7 @@ class Evaluator:
         data: RetrievalData,
         split: str,
         doc_texts: Mapping[str, str],
-        view: str,
+        label: str,
         out_dir: str | Path,
         cache_dir: str | Path,
     ) -> dict[str, Any]:
@@ -50,19 +50,19 @@ class Evaluator:
         index = FlatIPIndex(emb, ids, use_gpu=self.use_gpu)
         run = index.run(qids, q_emb, self.top_k)
         result = evaluate(sp.qrels, run, list(self.metrics))
-        run_path = Path(out_dir) / "runs" / f"{split}-{view}.trec"
-        write_trec_run(run_path, run, tag=f"resume-{view}", depth=self.top_k)
-        atomic_write_json(Path(out_dir) / "runs" / f"{split}-{view}.per_query.json", result.per_query)
+        run_path = Path(out_dir) / "runs" / f"{split}-{label}.trec"
+        write_trec_run(run_path, run, tag=f"resume-{label}", depth=self.top_k)
+        atomic_write_json(run_path.with_suffix(".per_query.json"), result.per_query)
         t_total = time.perf_counter() - t0
-        log.info("eval %s over %s: %s (%.1fs)", split, view, result.aggregate, t_total)
+        log.info("eval %s (%s): %s (%.1fs)", split, label, result.aggregate, t_total)
         return {
             "metrics": dict(result.aggregate),
             "split": split,
-            "view": view,
-            "num_queries": result.num_queries,
+                        "num_queries": result.num_queries,
             "corpus": {"name": data.name, "size": len(ids), "source": data.source},
             "index": {"type": "faiss.IndexFlatIP", "on_gpu": index.on_gpu, "bytes": int(emb.nbytes), "dim": int(emb.shape[1])},
             "run_file": str(run_path),
+            "per_query_file": str(run_path.with_suffix(".per_query.json")),
             "embeddings": key,
             "seconds": {"encode_corpus": round(t_encode, 2), "total": round(t_total, 2)},
         }

@@ -25,6 +25,7 @@ class Loop:
         out_dir: str | Path,
         cache_dir: str | Path,
         eval_splits: Sequence[str],
+        row_name: str,
         corpus_view: str = "documents",
         log_metrics: Callable[[Mapping[str, float], int | None], None] | None = None,
     ) -> None:
@@ -36,6 +37,7 @@ class Loop:
         self.out_dir = Path(out_dir)
         self.cache_dir = Path(cache_dir)
         self.eval_splits = [s for s in dict.fromkeys(eval_splits) if s in data.splits]
+        self.row_name = row_name
         self.corpus_view = corpus_view
         self.log_metrics = log_metrics or (lambda metrics, step: None)
 
@@ -45,11 +47,14 @@ class Loop:
             return {d: doc.full_text for d, doc in self.data.corpus.items()}
         raise NotImplementedError("corpus_view=summaries needs a summarizer (not built in this version)")
 
-    def run(self) -> dict[str, Any]:
-        texts = self.corpus_texts()
-        results: dict[str, Any] = {}
+    def evaluate_row(self, row: str, texts: Mapping[str, str], view: str) -> list[dict[str, Any]]:
+        rows = []
         for split in self.eval_splits:
-            res = self.evaluator(self.retriever, self.data, split, texts, self.corpus_view, self.out_dir, self.cache_dir)
-            results[split] = res
+            res = self.evaluator(self.retriever, self.data, split, texts, f"{row}-{view}", self.out_dir, self.cache_dir)
+            res.update(row=row, view=view)
             self.log_metrics({f"eval/{split}/{k}": v for k, v in res["metrics"].items()}, None)
-        return {"eval": results}
+            rows.append(res)
+        return rows
+
+    def run(self) -> dict[str, Any]:
+        return {"rows": self.evaluate_row(self.row_name, self.corpus_texts(), self.corpus_view)}

@@ -51,14 +51,15 @@ def _check_run_folder(out: Path, resolved: str) -> None:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """A Markdown table of the rows this run produced."""
+    """A Markdown table of the paper rows this run produced, labelled with its budget."""
+    names = results["metric_names"]
     lines = [f"budget: {results['budget']}", "",
-             "| run | split | corpus | queries | " + " | ".join(results["metric_names"]) + " |",
-             "|---|---|---|---|" + "---|" * len(results["metric_names"])]
-    for split, res in results["eval"].items():
-        vals = " | ".join(f"{res['metrics'][m]:.4f}" for m in results["metric_names"])
-        corpus = f"{res['corpus']['name']} ({res['corpus']['size']} {res['view']})"
-        lines.append(f"| {results['experiment']} ({results['ablation']}) | {split} | {corpus} | {res['num_queries']} | {vals} |")
+             "| row | ablation | split | corpus indexed | queries | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+    for row in results["rows"]:
+        vals = " | ".join(f"{row['metrics'][m]:.4f}" for m in names)
+        corpus = f"{row['corpus']['name']}: {row['corpus']['size']} {row['view']}"
+        lines.append(f"| {row['row']} | {results['ablation']} | {row['split']} | {corpus} | {row['num_queries']} | {vals} |")
     return "\n".join(lines)
 
 
@@ -93,6 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             out_dir=out,
             cache_dir=cfg.paths.cache_dir,
             eval_splits=list(cfg.eval_splits),
+            row_name=cfg.experiment_name,
             corpus_view=cfg.corpus_view,
             log_metrics=log_metrics,
         )
@@ -123,8 +125,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     results = run(cfg)
-    split = cfg.data.eval_split
-    return results["eval"].get(split, {}).get("metrics", {}).get("ndcg@10")  # sweeper objective
+    final = [r for r in results["rows"] if r["split"] == cfg.data.eval_split]
+    return final[-1]["metrics"].get("ndcg@10") if final else None  # sweeper objective
 
 
 if __name__ == "__main__":

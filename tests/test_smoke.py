@@ -16,16 +16,16 @@ def test_baseline_smoke_run_writes_everything(compose_in_tmp, tmp_path):
     results = run(cfg)
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())
-    assert saved["eval"]["test"]["metrics"] == results["eval"]["test"]["metrics"]
-    m = saved["eval"]["test"]["metrics"]
+    assert saved["rows"][-1]["metrics"] == results["rows"][-1]["metrics"]
+    m = saved["rows"][-1]["metrics"]
     assert set(m) == {"mrr@10", "ndcg@10", "recall@100", "recall@1000"}
     assert all(0.0 <= v <= 1.0 for v in m.values())
     assert saved["data"]["name"] == "toy" and saved["data"]["corpus_size"] == 32
-    assert saved["eval"]["test"]["corpus"]["size"] == 32 and saved["eval"]["test"]["num_queries"] == 8
+    assert saved["rows"][-1]["corpus"]["size"] == 32 and saved["rows"][-1]["num_queries"] == 8
     assert (out / "config_resolved.yaml").exists() and (out / "csv" / "metrics.csv").exists()
-    trec = read_trec_run(out / "runs" / "test-documents.trec")
+    trec = read_trec_run(out / "runs" / "test-baseline-documents.trec")
     assert len(trec) == 8 and all(len(docs) == 32 for docs in trec.values())  # top_k capped at corpus size
-    assert "dev" in saved["eval"]  # carved from train
+    assert [r["split"] for r in saved["rows"]] == ["dev", "test"]  # dev carved from train
 
 
 def test_rerun_with_other_config_refuses_to_overwrite(compose_in_tmp):
