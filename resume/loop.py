@@ -1,19 +1,68 @@
-"""The run: the only place that knows both models exist.
+"""Algorithm 1, and the only place that knows both models exist.
 
-Experiments differ only in configuration: which corpus view is evaluated, how many
-iterations of (GRPO, summarize, adapt) run, which phases are enabled. This module reads
-those values; it never branches on an experiment's name.
+    for t = 1..T:  GRPO(f_theta, reward = frozen g_phi_{t-1})   -> theta_t
+                   S_t = f_theta_t(D)  (greedy, cached)
+                   phi_t = contrastive(g_phi_{t-1}, (q, S_t))
+                   evaluate on dev; stop when the improvement < epsilon
+
+Experiments differ only in configuration (how many iterations, which phases are set,
+which corpus view the final evaluation indexes); this module never branches on an
+experiment's name. Every finished phase leaves a record in `<run>/phases/`, so a killed
+run restarted with the same command resumes at the phase where it stopped; summaries and
+corpus embeddings are cached by content, so nothing finished is computed twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from resume.data import RetrievalData
+from resume.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+
+STOP_METRICS = ("reward_mean", "dev/mrr@10", "dev/ndcg@10")
+
+
+@dataclass
+class LoopConfig:
+    max_iterations: int = 0             # T; 0 = evaluate the initial models only (baseline, fixed summary)
+    stop_on: str = "reward_mean"        # the improvement watched for early stopping
+    epsilon: float = 0.0                # stop when the watched value improves by less than this
+    min_iterations: int = 1             # never stop before this many iterations
+    paper_rows: bool = False            # also evaluate the intermediate states that are paper rows
+
+    def __post_init__(self) -> None:
+        if self.max_iterations < 0:
+            raise ValueError(f"loop.max_iterations={self.max_iterations} must be >= 0")
+        if self.stop_on not in STOP_METRICS:
+            raise ValueError(f"loop.stop_on={self.stop_on!r} must be one of {STOP_METRICS}")
+
+
+class PhaseRecords:
+    """One JSON file per finished phase; its presence means the phase's outputs are complete."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        path = self.folder / f"{name}.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RuntimeError(f"{path}: corrupt phase record ({e}); delete it to redo that phase") from None
+
+    def put(self, name: str, record: dict[str, Any]) -> None:
+        atomic_write_json(self.folder / f"{name}.json", record)
 
 
 class Loop:
@@ -27,10 +76,23 @@ class Loop:
         eval_splits: Sequence[str],
         row_name: str,
         corpus_view: str = "documents",
+        config: LoopConfig | None = None,
+        summarizer: Callable[[], Any] | None = None,
+        summarize: Callable[[Any, str], tuple[dict[str, str], dict[str, Any]]] | None = None,
+        grpo: Callable[..., dict[str, Any]] | None = None,
+        adapt: Callable[..., dict[str, Any]] | None = None,
         log_metrics: Callable[[Mapping[str, float], int | None], None] | None = None,
     ) -> None:
+        """`summarizer` builds the summarizer lazily (the baseline never loads an LLM); `summarize`,
+        `grpo` and `adapt` are the phases, each None when the experiment does not use it."""
         if corpus_view not in ("documents", "summaries"):
             raise ValueError(f"corpus_view={corpus_view!r} must be 'documents' or 'summaries'")
+        self.config = config or LoopConfig()
+        needs_summaries = corpus_view == "summaries" or self.config.max_iterations > 0
+        if needs_summaries and (summarizer is None or summarize is None):
+            raise ValueError("this experiment needs summaries: set a summarizer (summarizer=smollm2, ...)")
+        if self.config.max_iterations > 0 and grpo is None and adapt is None:
+            raise ValueError("loop.max_iterations > 0 but neither grpo nor adaptation is configured: nothing to iterate")
         self.data = data
         self.retriever = retriever
         self.evaluator = evaluator
@@ -39,22 +101,114 @@ class Loop:
         self.eval_splits = [s for s in dict.fromkeys(eval_splits) if s in data.splits]
         self.row_name = row_name
         self.corpus_view = corpus_view
+        self._build_summarizer = summarizer
+        self._summarizer: Any = None
+        self.summarize_fn = summarize
+        self.grpo_fn = grpo
+        self.adapt_fn = adapt
         self.log_metrics = log_metrics or (lambda metrics, step: None)
+        self.records = PhaseRecords(self.out_dir / "phases")
+        self.phase_seconds: dict[str, float] = {}
+        self.summary_stats: dict[str, Any] = {}
 
-    def corpus_texts(self) -> dict[str, str]:
-        """The corpus representation the final evaluation indexes."""
-        if self.corpus_view == "documents":
-            return {d: doc.full_text for d, doc in self.data.corpus.items()}
-        raise NotImplementedError("corpus_view=summaries needs a summarizer (not built in this version)")
+    # ------------------------------------------------------------------ pieces
+    @property
+    def summarizer(self) -> Any:
+        if self._summarizer is None:
+            assert self._build_summarizer is not None
+            self._summarizer = self._build_summarizer()
+        return self._summarizer
 
-    def evaluate_row(self, row: str, texts: Mapping[str, str], view: str) -> list[dict[str, Any]]:
+    def documents(self) -> dict[str, str]:
+        return {d: doc.full_text for d, doc in self.data.corpus.items()}
+
+    def summaries(self, label: str) -> dict[str, str]:
+        """Summaries of the whole corpus by the current summarizer (cached by weights and settings)."""
+        assert self.summarize_fn is not None
+        t0 = time.perf_counter()
+        texts, stats = self.summarize_fn(self.summarizer, label)
+        self._add_time(f"summarize/{label}", time.perf_counter() - t0)
+        self.summary_stats[label] = stats
+        self.log_metrics({f"summaries/{label}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, None)
+        return texts
+
+    def evaluate_row(self, row: str, texts: Mapping[str, str], view: str, splits: Sequence[str] | None = None) -> list[dict[str, Any]]:
         rows = []
-        for split in self.eval_splits:
+        t0 = time.perf_counter()
+        for split in splits if splits is not None else self.eval_splits:
             res = self.evaluator(self.retriever, self.data, split, texts, f"{row}-{view}", self.out_dir, self.cache_dir)
             res.update(row=row, view=view)
             self.log_metrics({f"eval/{split}/{k}": v for k, v in res["metrics"].items()}, None)
             rows.append(res)
+        self._add_time(f"evaluate/{row}", time.perf_counter() - t0)
         return rows
 
+    def _add_time(self, key: str, seconds: float) -> None:
+        self.phase_seconds[key] = round(self.phase_seconds.get(key, 0.0) + seconds, 2)
+
+    def _phase(self, name: str, fn: Callable[[], dict[str, Any]], restore: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Run a phase once: if its record exists, restore its outputs instead of recomputing."""
+        done = self.records.get(name)
+        if done is not None:
+            log.info("phase %s already finished (record %s): restoring its outputs", name, self.records.folder)
+            restore(done)
+            return done
+        t0 = time.perf_counter()
+        record = fn()
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        self._add_time(name, record["seconds"])
+        self.records.put(name, record)
+        return record
+
+    # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
-        return {"rows": self.evaluate_row(self.row_name, self.corpus_texts(), self.corpus_view)}
+        cfg = self.config
+        rows: list[dict[str, Any]] = []
+        iterations: list[dict[str, Any]] = []
+        paper = cfg.paper_rows and cfg.max_iterations > 0
+        test_splits = [s for s in self.eval_splits if s != "dev"] or self.eval_splits
+        if paper:
+            rows += self.evaluate_row("baseline", self.documents(), "documents", test_splits)
+            rows += self.evaluate_row("fixed_summary", self.summaries("iter0"), "summaries", test_splits)
+        previous: float | None = None
+        for t in range(1, cfg.max_iterations + 1):
+            it: dict[str, Any] = {"iteration": t}
+            if self.grpo_fn is not None:
+                folder = self.out_dir / f"iter{t}" / "summarizer"
+                it["grpo"] = self._phase(
+                    f"iter{t}-grpo",
+                    lambda t=t, folder=folder: {**self.grpo_fn(self.summarizer, self.retriever, t, folder),
+                                                "summarizer": str(folder)},
+                    lambda rec: self.summarizer.load_weights(rec["summarizer"]),
+                )
+            texts = self.summaries(f"iter{t}")
+            if paper and t == 1:  # theta_1 with the original retriever: the paper's "Non-iterative" row
+                rows += self.evaluate_row("non_iterative", texts, "summaries", test_splits)
+            if self.adapt_fn is not None:
+                folder = self.out_dir / f"iter{t}" / "retriever"
+                it["adapt"] = self._phase(
+                    f"iter{t}-adapt",
+                    lambda t=t, folder=folder, texts=texts: {**self.adapt_fn(self.retriever, texts, t, folder),
+                                                             "retriever": str(folder)},
+                    lambda rec: self.retriever.load_weights(rec["retriever"]),
+                )
+            if "dev" in self.data.splits:
+                dev = self.evaluate_row(f"iter{t}", texts, "summaries", ["dev"])[0]
+                it["dev"] = dev["metrics"]
+            it["summaries"] = self.summary_stats.get(f"iter{t}", {})
+            iterations.append(it)
+            self.log_metrics({"loop/iteration": t, **{f"loop/dev/{k}": v for k, v in it.get("dev", {}).items()}}, t)
+            watched = self._watched(it)
+            if watched is not None and previous is not None and t >= cfg.min_iterations and watched - previous < cfg.epsilon:
+                log.info("stopping after iteration %d: %s improved by %.4f < epsilon %.4f", t, cfg.stop_on, watched - previous, cfg.epsilon)
+                it["stopped"] = True
+                break
+            previous = watched if watched is not None else previous
+        final_texts = self.documents() if self.corpus_view == "documents" else self.summaries(f"iter{len(iterations)}")
+        rows += self.evaluate_row(self.row_name, final_texts, self.corpus_view)
+        return {"rows": rows, "iterations": iterations, "summaries": self.summary_stats, "seconds": self.phase_seconds}
+
+    def _watched(self, it: Mapping[str, Any]) -> float | None:
+        if self.config.stop_on == "reward_mean":
+            return it.get("grpo", {}).get("reward_mean")
+        return it.get("dev", {}).get(self.config.stop_on.split("/", 1)[1])

@@ -32,7 +32,7 @@ def close_loggers(loggers: list[Any], status: str) -> None:
     for lg in loggers:
         try:
             lg.finalize(status)
-        except Exception as e:  # a logger failing to close must not hide the real error
+        except Exception as e:  # noqa: BLE001 -- a logger failing to close must not hide the real error
             log.warning("closing logger %s failed: %s", type(lg).__name__, e)
         if type(lg).__name__ == "WandbLogger":
             import wandb

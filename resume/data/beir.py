@@ -11,9 +11,9 @@ when it *is* a header (its grade column is not an integer), so header-less qrels
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
 
 Qrels = dict[str, dict[str, int]]
 

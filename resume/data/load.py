@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def carve_dev(data: RetrievalData, source: str, fraction: float, seed: int, name
     src = data.split(source)
     qids = sorted(src.qrels)
     rng = np.random.default_rng(seed)
-    n_dev = max(1, int(round(fraction * len(qids))))
+    n_dev = max(1, round(fraction * len(qids)))
     dev_ids = set(rng.choice(len(qids), size=n_dev, replace=False).tolist())
     dev = [q for i, q in enumerate(qids) if i in dev_ids]
     keep = [q for i, q in enumerate(qids) if i not in dev_ids]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-FILLER = "the a of and in to is was for on with as by at from this that it an are be".split()
+FILLER = ["the", "a", "of", "and", "in", "to", "is", "was", "for", "on", "with", "as", "by", "at", "from", "this", "that", "it", "an", "are", "be"]
 
 
 def _words(rng: np.random.Generator, n: int, used: set[str]) -> list[str]:
@@ -64,7 +64,7 @@ def write_toy(
             queries.append({"_id": qid, "text": f"{keys[0]} {keys[1]} {topic[int(rng.integers(3))]}"})
             qrels.append((qid, did))
     order = rng.permutation(len(qrels))
-    n_train = int(round(train_fraction * len(qrels)))
+    n_train = round(train_fraction * len(qrels))
     files = {
         "corpus.jsonl": "".join(json.dumps(d) + "\n" for d in docs),
         "queries.jsonl": "".join(json.dumps(q) + "\n" for q in queries),

@@ -1,0 +1,201 @@
+"""Gather finished runs and write the paper's Tables 1-3 (Markdown + CSV) and per-iteration plots.
+
+    python experiments/report.py outputs/ multirun/ --out report/
+
+Each table cell is the mean over seeds (± sample std when there are several). Significance
+is a paired two-sided randomisation test (sign flipping, 10,000 draws, fixed seed) of
+per-query nDCG@10 against the baseline row on the same data and split, per-query values
+averaged over the seeds both rows share. Every table names the corpus it indexed and its
+size, the query count and the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PAPER_ROWS = ["baseline", "fixed_summary", "non_iterative", "iterative"]
+ABLATIONS = ["none", "no_adaptation", "no_negatives", "no_discrete_reward"]
+ABLATION_LABELS = {
+    "none": "Full model",
+    "no_adaptation": "w/o retrieval adaptation",
+    "no_negatives": "w/o negative queries",
+    "no_discrete_reward": "w/o discrete reward",
+}
+TABLE1_METRICS = ["mrr@10", "ndcg@10", "recall@100", "recall@1000"]
+TABLE2_METRICS = ["mrr@10", "ndcg@10", "recall@100"]
+
+
+def find_results(folders: Iterable[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
+    found = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("results.json")):
+            try:
+                found.append((path, json.loads(path.read_text())))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}: not valid JSON ({e}); a run still writing? delete or finish it") from None
+    return found
+
+
+def collect(found: list[tuple[Path, dict[str, Any]]]) -> dict[tuple[str, str, str, str], list[dict[str, Any]]]:
+    """(data, split, row, ablation) -> one entry per seed: metrics, per-query file, corpus, models."""
+    groups: dict[tuple[str, str, str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for path, res in found:
+        for row in res.get("rows", []):
+            key = (res["data"]["name"], row["split"], row["row"], res.get("ablation", "none"))
+            pq = Path(row.get("per_query_file", ""))
+            if not pq.is_absolute() or not pq.exists():
+                pq = path.parent / "runs" / pq.name
+            groups[key][int(res.get("seed", 0))] = {  # a later file for the same seed replaces an earlier one
+                "metrics": row["metrics"], "per_query": pq if pq.exists() else None, "corpus": row["corpus"],
+                "num_queries": row["num_queries"], "budget": res.get("budget"),
+                "models": {"retriever": res.get("retriever", {}).get("name"), "summarizer": (res.get("summarizer") or {}).get("name")},
+                "iterations": res.get("iterations", []), "run": str(path.parent),
+            }
+    return {k: [v[s] | {"seed": s} for s in sorted(v)] for k, v in groups.items()}
+
+
+def paired_randomization(a: np.ndarray, b: np.ndarray, draws: int = 10_000, seed: int = 0) -> float:
+    """Two-sided p-value of mean(a - b) under random sign flips of the paired differences."""
+    d = a - b
+    if len(d) == 0 or np.allclose(d, 0):
+        return 1.0
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1.0, 1.0], size=(draws, len(d)))
+    null = np.abs((signs * d).mean(axis=1))
+    return float((np.sum(null >= abs(d.mean()) - 1e-12) + 1) / (draws + 1))
+
+
+def _per_query(entries: list[dict[str, Any]], metric: str, seeds: set[int]) -> dict[str, float]:
+    """Per-query metric averaged over the given seeds."""
+    acc: dict[str, list[float]] = defaultdict(list)
+    for e in entries:
+        if e["seed"] in seeds and e["per_query"] is not None:
+            for q, m in json.loads(Path(e["per_query"]).read_text()).items():
+                acc[q].append(m[metric])
+    return {q: float(np.mean(v)) for q, v in acc.items()}
+
+
+def cell(entries: list[dict[str, Any]], metric: str) -> tuple[str, float]:
+    vals = [e["metrics"][metric] for e in entries if metric in e["metrics"]]
+    if not vals:
+        return "–", float("nan")
+    mean = statistics.fmean(vals)
+    text = f"{mean:.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
+    return text, mean
+
+
+def significance(groups, data: str, split: str, row: str, ablation: str, metric: str = "ndcg@10") -> str:
+    base = groups.get((data, split, "baseline", "none")) or groups.get((data, split, "baseline", ablation))
+    mine = groups.get((data, split, row, ablation))
+    if row == "baseline" or not base or not mine:
+        return ""
+    seeds = {e["seed"] for e in base} & {e["seed"] for e in mine}
+    a, b = _per_query(mine, metric, seeds), _per_query(base, metric, seeds)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return "n/a"
+    p = paired_randomization(np.array([a[q] for q in common]), np.array([b[q] for q in common]))
+    return f"p={p:.3g}" + ("*" if p < 0.05 else "")
+
+
+def table(groups, data: str, split: str, rows: list[tuple[str, str, str]], metrics: list[str], title: str) -> tuple[str, list[list[str]]]:
+    """rows: (label, row name, ablation)."""
+    header = ["run", *metrics, "Δ nDCG@10 vs baseline (paired)", "seeds", "corpus indexed", "queries"]
+    md = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out = [header]
+    for label, row, ablation in rows:
+        entries = groups.get((data, split, row, ablation))
+        if not entries:
+            continue
+        cells = [cell(entries, m)[0] for m in metrics]
+        corpus = entries[0]["corpus"]
+        line = [label, *cells, significance(groups, data, split, row, ablation), str(len(entries)),
+                f"{corpus['name']} ({corpus['size']} docs)", str(entries[0]["num_queries"])]
+        md.append("| " + " | ".join(line) + " |")
+        out.append(line)
+    if len(md) == 4:
+        md.append("| (no finished runs) |" + " |" * (len(header) - 1))
+    budgets = sorted({str(e["budget"]) for (d, s, _, _), es in groups.items() if d == data and s == split for e in es})
+    models = sorted({json.dumps(e["models"], sort_keys=True) for (d, s, _, _), es in groups.items() if d == data for e in es})
+    md += ["", f"budget: {'; '.join(budgets)}", f"models: {'; '.join(models)}", ""]
+    return "\n".join(md), out
+
+
+def eval_split_of(groups, data: str) -> str:
+    splits = {s for (d, s, _, _) in groups if d == data}
+    return "test" if "test" in splits else min(splits - {"dev"} or splits)
+
+
+def plot_iterations(groups, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    panels = [("reward", lambda it: it.get("grpo", {}).get("reward_mean")),
+              ("dev MRR@10", lambda it: it.get("dev", {}).get("mrr@10")),
+              ("summary length (retriever tokens)", lambda it: it.get("summaries", {}).get("length_mean")),
+              ("separator failure rate", lambda it: it.get("summaries", {}).get("separator_failure_rate"))]
+    for (data, split, row, ablation), entries in groups.items():
+        if row != "iterative" or split != eval_split_of(groups, data):
+            continue
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+        for ax, (name, get) in zip(axes, panels):
+            for e in entries:
+                xs = [it["iteration"] for it in e["iterations"] if get(it) is not None]
+                ax.plot(xs, [get(it) for it in e["iterations"] if get(it) is not None], marker="o", label=f"seed {e['seed']}")
+            ax.set_title(name)
+            ax.set_xlabel("iteration")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{data} – iterative – {ablation}")
+        fig.tight_layout()
+        path = out / f"iterations_{data}_{ablation}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folders", nargs="+", help="folders searched recursively for results.json")
+    ap.add_argument("--out", default="report", help="where tables (md, csv) and plots go")
+    args = ap.parse_args(argv)
+    found = find_results(args.folders)
+    if not found:
+        raise SystemExit(f"no results.json under {args.folders}")
+    groups = collect(found)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for data in sorted({d for (d, _, _, _) in groups}):
+        split = eval_split_of(groups, data)
+        # Table 2 is the paper's out-of-domain table (NFCorpus, no R@1000); every other dataset gets Table 1.
+        main_name, metrics = ("table2", TABLE2_METRICS) if data == "nfcorpus" else ("table1", TABLE1_METRICS)
+        t1, c1 = table(groups, data, split, [(r, r, "none") for r in PAPER_ROWS], metrics,
+                       f"{main_name.replace('table', 'Table ')} – {data} ({split})")
+        t3, c3 = table(groups, data, split, [(ABLATION_LABELS[a], "iterative", a) for a in ABLATIONS], ["ndcg@10"],
+                       f"Table 3 – ablations – {data} ({split})")
+        sections += [t1, t3]
+        for name, rows in ((main_name, c1), ("table3", c3)):
+            with (out / f"{name}_{data}.csv").open("w", newline="") as f:
+                csv.writer(f).writerows(rows)
+    plots = plot_iterations(groups, out)
+    text = "\n".join(sections) + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+    (out / "tables.md").write_text(text)
+    print(text)
+    print(f"written: {out}/tables.md, {out}/table*_*.csv, {len(plots)} plot(s)")
+
+
+if __name__ == "__main__":
+    main()
