@@ -1,0 +1,230 @@
+"""Summarize a corpus through the crash-safe cache, and report what was indexed.
+
+`summarize_corpus` generates only the documents the cache lacks (greedy corpus settings),
+batch by batch, appending each batch to the cache before the next starts: a run killed at
+any point resumes where it stopped, and no document is ever generated twice.
+
+A completion without the separator has no summary. What gets indexed for it is the
+`fallback`, chosen in the config and always visible in the stats:
+- `completion`: the whole completion, think tags removed (the model's text, still no
+  document leak);
+- `document`: the original document. This LEAKS THE BASELINE representation into the
+  summary index and flatters a summarizer that fails the format: report it;
+- `empty`: an empty string (the document is then unretrievable by content).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from resume.cache import SummaryCache, doc_hash
+from resume.summarizer.generate import Completion, GenerationParams
+from resume.summarizer.parsing import parse_completion
+
+log = logging.getLogger(__name__)
+
+Fallback = Literal["completion", "document", "empty"]
+FALLBACKS = ("completion", "document", "empty")
+
+
+class DocumentLike(Protocol):
+    title: str
+    text: str
+
+
+@dataclass
+class SummaryResult:
+    """What `summarize_corpus` produced: the text to index per document, its records and run stats."""
+
+    texts: dict[str, str]  # doc_id -> text to index (summary, or the fallback)
+    records: dict[str, dict[str, Any]]  # doc_id -> cache record
+    fallback: str
+    fallback_ids: list[str] = field(default_factory=list)  # docs indexed through the fallback
+    n_generated: int = 0  # generated in this run
+    n_cached: int = 0  # found in the cache
+    generated_tokens: int = 0  # in this run
+    seconds: float = 0.0  # generation wall time of this run
+    cache_path: Path | None = None
+
+
+def _strip_tags(text: str, separator: str) -> str:
+    """Remove the separator and its opening tag (`</think>` -> also `<think>`)."""
+    out = text.replace(separator, " ")
+    if separator.startswith("</") and separator.endswith(">"):
+        out = out.replace("<" + separator[2:], " ")
+    return " ".join(out.split())
+
+
+def _full_text(doc: DocumentLike) -> str:
+    return f"{doc.title} {doc.text}".strip() if doc.title else doc.text
+
+
+def index_text(record: Mapping[str, Any], doc: DocumentLike, fallback: Fallback, separator: str) -> str:
+    """The text indexed for one document: its summary, or the fallback when there is none."""
+    if record["summary"] is not None:
+        return record["summary"]
+    if fallback == "completion":
+        return _strip_tags(record["completion"], separator)
+    if fallback == "document":
+        return _full_text(doc)
+    return ""
+
+
+def make_record(doc_id: str, doc: DocumentLike, completion: Completion, separator: str) -> dict[str, Any]:
+    parsed = parse_completion(completion.text, separator)
+    return {
+        "doc_id": doc_id,
+        "doc_hash": doc_hash(doc.title, doc.text),
+        "completion": completion.text,
+        "summary": parsed.summary,
+        "has_separator": parsed.has_separator,
+        "num_generated_tokens": completion.num_tokens,
+    }
+
+
+def cache_for(summarizer: Any, cache_dir: str | Path, params: GenerationParams) -> SummaryCache:
+    """The cache folder for this summarizer state (weights, tokenizer, prompt, separator) and `params`."""
+    key_parts = {
+        "fingerprint": summarizer.fingerprint(),
+        "generation": params.key(),
+        "prompt": summarizer.prompt.describe(),
+        "separator": summarizer.separator,
+    }
+    info = {"model": summarizer.name, "generation_params": params.describe()}
+    return SummaryCache(cache_dir, key_parts, label=summarizer.name, info=info)
+
+
+def summarize_corpus(
+    summarizer: Any,
+    docs: Mapping[str, DocumentLike],
+    cache_dir: str | Path,
+    batch_size: int = 64,
+    progress: bool = True,
+    fallback: Fallback = "completion",
+    params: GenerationParams | None = None,
+) -> SummaryResult:
+    """Summaries of every document in `docs`, generating only those missing from the cache.
+
+    `summarizer` is a `SummarizerModule` (or anything with `summarize`, `fingerprint`,
+    `prompt`, `separator`, `name`, `corpus_generation`). `batch_size` documents are generated
+    and appended per step: the most a kill can lose. `params` defaults to the summarizer's
+    greedy corpus settings.
+    """
+    if fallback not in FALLBACKS:
+        raise ValueError(f"summaries fallback={fallback!r} must be one of {FALLBACKS}")
+    if batch_size < 1:
+        raise ValueError(f"summarize batch_size ({batch_size}) must be >= 1")
+    params = params or summarizer.corpus_generation
+    if params.num_return_sequences != 1:
+        raise ValueError(f"corpus summaries need num_return_sequences=1, got {params.num_return_sequences}")
+    cache = cache_for(summarizer, cache_dir, params)
+    hashes = {d: doc_hash(doc.title, doc.text) for d, doc in docs.items()}
+    done = {d: r for d, r in cache.done(hashes).items() if d in docs}
+    # Longest first: similar lengths share a batch (less padding) and an OOM shows at once.
+    todo = sorted((d for d in docs if d not in done), key=lambda d: -len(docs[d].text))
+    log.info(
+        "summaries: %d of %d documents cached in %s, %d to generate",
+        len(done),
+        len(docs),
+        cache.path,
+        len(todo),
+    )
+    n_cached = len(done)
+    tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(docs), initial=n_cached, desc="summarize", unit="doc", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        ids = todo[start : start + batch_size]
+        completions = summarizer.summarize([(docs[d].title, docs[d].text) for d in ids], params)
+        records = [
+            make_record(d, docs[d], c, summarizer.separator) for d, c in zip(ids, completions, strict=True)
+        ]
+        cache.append(records)  # durable before the next batch starts
+        done.update(zip(ids, records))
+        tokens += sum(r["num_generated_tokens"] for r in records)
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        bar.update(len(ids))
+        bar.set_postfix(
+            tok_s=f"{tokens / elapsed:.1f}", sep=f"{np.mean([r['has_separator'] for r in records]):.2f}"
+        )
+    bar.close()
+    seconds = time.perf_counter() - t0 if todo else 0.0
+    texts, fallback_ids = {}, []
+    for d, doc in docs.items():
+        rec = done[d]
+        if rec["summary"] is None:
+            fallback_ids.append(d)
+        texts[d] = index_text(rec, doc, fallback, summarizer.separator)
+    if fallback_ids:
+        log.warning(
+            "summaries: %d of %d completions have no %r; indexed through fallback=%s%s",
+            len(fallback_ids),
+            len(docs),
+            summarizer.separator,
+            fallback,
+            " (the ORIGINAL documents: leaks the baseline)" if fallback == "document" else "",
+        )
+    return SummaryResult(
+        texts=texts,
+        records={d: done[d] for d in docs},
+        fallback=fallback,
+        fallback_ids=fallback_ids,
+        n_generated=len(todo),
+        n_cached=n_cached,
+        generated_tokens=tokens,
+        seconds=seconds,
+        cache_path=cache.path,
+    )
+
+
+def summary_stats(result: SummaryResult, count_tokens: Callable[[str], int]) -> dict[str, Any]:
+    """Statistics that make invalid summaries visible; lengths are in RETRIEVER tokens (`count_tokens`).
+
+    `summary_tokens_*` cover documents with a separator (their summaries); `index_tokens_mean`
+    covers every indexed text, fallbacks included.
+    """
+    n = len(result.records)
+    recs = list(result.records.values())
+    lengths = {d: count_tokens(t) for d, t in result.texts.items()}
+    summary_lengths = np.array(
+        [lengths[d] for d, r in result.records.items() if r["has_separator"]], dtype=float
+    )
+    n_fallback = len(result.fallback_ids)
+
+    def q(p: float) -> float | None:
+        return float(np.percentile(summary_lengths, p)) if summary_lengths.size else None
+
+    stats: dict[str, Any] = {
+        "n_docs": n,
+        "separator_failure_rate": n_fallback / n if n else 0.0,
+        "n_fallback": n_fallback,
+        "fallback": result.fallback,
+        "fallback_leaks_document": result.fallback == "document" and n_fallback > 0,
+        "n_empty": sum(1 for t in result.texts.values() if not t.strip()),
+        "summary_tokens_mean": float(summary_lengths.mean()) if summary_lengths.size else None,
+        "summary_tokens_p50": q(50),
+        "summary_tokens_p90": q(90),
+        "summary_tokens_max": int(summary_lengths.max()) if summary_lengths.size else None,
+        "index_tokens_mean": float(np.mean(list(lengths.values()))) if lengths else None,
+        "generated_tokens_total": int(sum(r["num_generated_tokens"] for r in recs)),
+        "generated_tokens_run": result.generated_tokens,
+        "n_generated": result.n_generated,
+        "cache_hits": result.n_cached,
+        "seconds": result.seconds,
+        "docs_per_s": result.n_generated / result.seconds if result.seconds > 0 else None,
+        "tokens_per_s": result.generated_tokens / result.seconds if result.seconds > 0 else None,
+    }
+    if stats["fallback_leaks_document"]:
+        stats["warning"] = (
+            f"{n_fallback} of {n} documents are indexed as their ORIGINAL text (fallback=document): "
+            "the summary index leaks the baseline representation"
+        )
+    return stats

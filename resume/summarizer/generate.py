@@ -1,0 +1,239 @@
+"""Text generation behind one small interface, so the engine can change without touching callers.
+
+`GenerationBackend.generate(prompts, params)` takes rendered prompt strings (chat template
+already applied, see `prompts.py`) and returns, for each prompt in input order, a list of
+`params.num_return_sequences` `Completion`s. Everything the rest of the code needs is in a
+`Completion`: the decoded text (for parsing and the reward) and the exact prompt and
+completion token ids (for a GRPO trainer to recompute log-probabilities under the policy
+and the reference model).
+
+`HFBackend` runs `model.generate` from transformers. A vLLM backend fits the same
+interface without any caller changing: map `GenerationParams` onto `vllm.SamplingParams`
+(`n=num_return_sequences`, `temperature=0` for greedy, `top_k=-1` for "off", `top_p`,
+`max_tokens=max_new_tokens`, `seed`), pass the prompts as token ids encoded with
+`add_special_tokens=False`, and build each `Completion` from `RequestOutput.prompt_token_ids`
+and `CompletionOutput.token_ids` / `.text` / `.finish_reason == "stop"`. Syncing trained
+weights into the engine is then that backend's own method, called by the trainer between
+steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings. Greedy (`do_sample=False`) ignores temperature, top-p, top-k and seed.
+
+    `top_k=0` and `top_p=1.0` switch those filters off (transformers' own default would
+    silently apply top_k=50). `seed` makes sampling reproducible for the same prompts and
+    batch size; a trainer should vary it per step (e.g. `replace(params, seed=base + step)`),
+    or pass None to draw from the global RNG.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    num_return_sequences: int = 1
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be >= 1")
+        if not self.do_sample and self.num_return_sequences > 1:
+            raise ValueError(
+                f"greedy decoding returns {self.num_return_sequences} identical copies; "
+                "set do_sample: true for several completions per prompt, or num_return_sequences: 1"
+            )
+        if self.do_sample:
+            if self.temperature <= 0:
+                raise ValueError(
+                    f"temperature ({self.temperature}) must be > 0 when sampling; "
+                    "use do_sample: false for greedy"
+                )
+            if not 0.0 < self.top_p <= 1.0:
+                raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]; 1.0 switches it off")
+            if self.top_k < 0:
+                raise ValueError(f"top_k ({self.top_k}) must be >= 0; 0 switches it off")
+
+    def key(self) -> str:
+        """A stable, readable string naming what changes the output (used in cache keys).
+
+        Greedy keys leave out the sampling settings and the seed: they do not change a
+        greedy completion, so changing them must not invalidate a cache.
+        """
+        if not self.do_sample:
+            return f"greedy-max{self.max_new_tokens}"
+        return (
+            f"sample-t{self.temperature:g}-p{self.top_p:g}-k{self.top_k}-max{self.max_new_tokens}"
+            f"-n{self.num_return_sequences}-s{self.seed}"
+        )
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate` (every decoding knob explicit, none from the model)."""
+        kw: dict[str, Any] = {
+            "do_sample": self.do_sample,
+            "max_new_tokens": self.max_new_tokens,
+            "num_return_sequences": self.num_return_sequences,
+            "num_beams": 1,
+        }
+        if self.do_sample:  # explicit, so a model's generation_config (e.g. top_k 20) cannot leak in
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kw
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    """One generated continuation of one prompt.
+
+    `token_ids` are the generated ids without padding; they END WITH the EOS token when
+    the model stopped by itself (`finished=True`): the probability of stopping is part of
+    the policy a GRPO trainer optimises, as in TRL. `finished=False` means the completion
+    was cut at `max_new_tokens`. `text` is the decoding of `token_ids` with special tokens
+    skipped (so no EOS in it).
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int] = field(repr=False)
+    finished: bool
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of generated tokens (EOS included when produced)."""
+        return len(self.token_ids)
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """Anything that turns rendered prompts into completions (HF generate today, vLLM later)."""
+
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
+        """One inner list of `params.num_return_sequences` completions per prompt, in input order."""
+        ...
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed the RNGs for one call without disturbing the caller's RNG streams."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class HFBackend:
+    """`model.generate` from transformers, batched, with left padding and length sorting.
+
+    - `batch_size` counts SEQUENCES per `generate` call (what fills memory): a call with
+      `num_return_sequences=k` puts `max(1, batch_size // k)` prompts in each batch.
+    - Prompts are sorted longest first (less padding; an out-of-memory error shows in
+      the first batch, not the last) and results come back in input order.
+    - Padding is built here, on the left, so the tokenizer's own `padding_side` is never
+      touched (the same tokenizer may serve training with right padding).
+    - The model reads from `self.model` at call time, so moving the module to a GPU or
+      updating its weights is seen by the next call. It runs in eval mode (no dropout)
+      under `torch.no_grad`; the previous train/eval mode is restored.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8) -> None:
+        if batch_size < 1:
+            raise ValueError(f"summarizer.batch_size ({batch_size}) must be >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def eos_ids(self) -> list[int]:
+        """Every token id that ends a completion: the generation config's and the tokenizer's EOS."""
+        ids: list[int] = []
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for x in ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])) + [
+            self.tokenizer.eos_token_id
+        ]:
+            if x is not None and x not in ids:
+                ids.append(int(x))
+        if not ids:
+            raise ValueError("neither the model's generation_config nor the tokenizer defines an EOS token")
+        return ids
+
+    def pad_id(self, eos_ids: list[int]) -> int:
+        if self.tokenizer.pad_token_id is not None:
+            return int(self.tokenizer.pad_token_id)
+        gen_pad = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
+        return int(gen_pad) if gen_pad is not None else eos_ids[0]
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        # The chat template already wrote any BOS: no second one.
+        return [list(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+    @staticmethod
+    def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            if s:
+                ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+                mask[row, width - len(s) :] = 1
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+    def _completion(self, row: list[int], prompt_ids: list[int], eos: set[int]) -> Completion:
+        # HF pads a sequence only after it emitted EOS, so everything after the first EOS is padding.
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        token_ids = row if cut is None else row[: cut + 1]
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Completion(text=text, token_ids=token_ids, prompt_ids=prompt_ids, finished=cut is not None)
+
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        k = params.num_return_sequences
+        encoded = self.encode(prompts)
+        if any(len(e) == 0 for e in encoded):
+            raise ValueError("an empty prompt cannot be generated from; render prompts with a chat template")
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        per_batch = max(1, self.batch_size // k)
+        eos = self.eos_ids()
+        pad = self.pad_id(eos)
+        device = next(self.model.parameters()).device
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), _seeded(params.seed if params.do_sample else None, device):
+                for start in range(0, len(order), per_batch):
+                    idx = order[start : start + per_batch]
+                    batch = self._left_pad([encoded[i] for i in idx], pad, device)
+                    out = self.model.generate(
+                        **batch, **params.hf_kwargs(), pad_token_id=pad, eos_token_id=eos, use_cache=True
+                    )
+                    new = out[:, batch["input_ids"].shape[1] :].tolist()  # rows grouped per prompt, k each
+                    for j, i in enumerate(idx):
+                        results[i] = [
+                            self._completion(new[j * k + r], encoded[i], set(eos)) for r in range(k)
+                        ]
+        finally:
+            self.model.train(was_training)
+        missing = [i for i, r in enumerate(results) if r is None]
+        assert not missing, f"prompts {missing[:5]} got no completions"
+        return results  # type: ignore[return-value]

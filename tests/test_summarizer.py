@@ -1,0 +1,208 @@
+"""The summarizer on a tiny random model (conf/summarizer/tiny.yaml): prompts, generation, identity."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from resume.summarizer.generate import GenerationBackend, GenerationParams, HFBackend
+from resume.summarizer.module import SummarizerModule, build_summarizer
+from resume.summarizer.prompts import PromptTemplate
+from resume.utils.config import CONFIG_DIR
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # A 2-layer hidden-32 model is overhead-bound: a second thread only adds contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_cfg(seed: int = 0):
+    return OmegaConf.create(
+        {"seed": seed, "summarizer": OmegaConf.load(CONFIG_DIR / "summarizer" / "tiny.yaml")}
+    )
+
+
+@pytest.fixture(scope="module")
+def summarizer() -> SummarizerModule:
+    return instantiate(tiny_cfg().summarizer)
+
+
+def make_docs(n: int = 7) -> list[tuple[str, str]]:
+    words = ["protein", "cell", "gene", "vaccine", "trial", "dose", "risk", "cohort", "signal", "tumor"]
+    return [(f"title {i}", " ".join(words[(i + j) % len(words)] for j in range(3 + 6 * i))) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- prompts
+def test_prompt_uses_chat_template_and_truncates_the_document(summarizer):
+    tok, prompt = summarizer.tokenizer, summarizer.prompt
+    text = " ".join(f"gene{i} {{braces}}" for i in range(200))  # far over max_doc_tokens; literal braces
+    rendered = prompt.render(tok, "My Title", text)
+    assert rendered.startswith("<|im_start|>user\n") and rendered.endswith("<|im_start|>assistant\n")
+    assert "Title: My Title" in rendered
+    kept = rendered.split("Text: ", 1)[1].split("\nThink, write", 1)[0]
+    assert text.startswith(kept) and len(kept) < len(text)
+    assert len(tok(kept, add_special_tokens=False)["input_ids"]) == prompt.max_doc_tokens
+    short = "a short text with {title} inside"
+    assert f"Text: {short}\n" in prompt.render(tok, "T", short)  # a document's braces stay literal
+
+
+def test_prompt_system_message_and_enable_thinking_reach_the_template(summarizer):
+    tok = copy.deepcopy(summarizer.tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}[nothink]{% endif %}"
+    )
+    p = PromptTemplate(user="Doc: {text}", system="Be brief.", max_doc_tokens=8, enable_thinking=False)
+    assert p.render(tok, "", "x y") == "[system]Be brief.[user]Doc: x y[nothink]"
+    assert "[nothink]" not in replace(p, enable_thinking=None).render(tok, "", "x y")
+
+
+def test_few_shot_examples_become_earlier_turns(summarizer):
+    p = PromptTemplate(
+        user="T: {title}\nD: {text}",
+        examples=[{"title": "ex", "text": "example doc", "response": "Topic: x\n</think>\nsum"}],
+    )
+    msgs = p.messages(summarizer.tokenizer, "real", "real doc")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert msgs[0]["content"] == "T: ex\nD: example doc" and msgs[1]["content"].endswith("</think>\nsum")
+    assert msgs[2]["content"] == "T: real\nD: real doc"
+    with pytest.raises(ValueError, match="examples\\[0\\]"):
+        PromptTemplate(user="{text}", examples=[{"title": "x", "text": "y"}])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "summarizer").glob("*.yaml")))
+def test_summarizer_configs_hold_valid_prompts_and_decoding(name):
+    cfg = OmegaConf.create({"seed": 0, "s": OmegaConf.load(CONFIG_DIR / "summarizer" / f"{name}.yaml")})
+    s = OmegaConf.to_container(cfg, resolve=True)["s"]
+    assert s["_target_"] == "resume.summarizer.module.build_summarizer"
+    prompt = PromptTemplate(**s["prompt"])
+    assert (
+        "</think>" in prompt.user or prompt.enable_thinking is None
+    )  # the format is spelled out or built in
+    corpus, rollout = GenerationParams(**s["corpus_generation"]), GenerationParams(**s["rollout_generation"])
+    assert not corpus.do_sample and corpus.num_return_sequences == 1  # greedy index, as the paper
+    assert rollout.do_sample and rollout.num_return_sequences >= 2  # GRPO groups
+    for e in prompt.examples:  # a shown format must be the format the parser reads
+        assert s["separator"] in e["response"]
+
+
+def test_prompt_validation():
+    with pytest.raises(ValueError, match="placeholder"):
+        PromptTemplate(user="Summarize {title}")
+    with pytest.raises(ValueError, match="max_doc_tokens"):
+        PromptTemplate(user="{text}", max_doc_tokens=0)
+
+
+# --------------------------------------------------------------------------- generation
+def test_greedy_is_deterministic_and_batching_does_not_change_it(summarizer):
+    docs = make_docs()
+    tok = summarizer.tokenizer
+    side = tok.padding_side
+    batched = summarizer.summarize(docs)
+    assert [c.token_ids for c in summarizer.summarize(docs)] == [c.token_ids for c in batched]
+    single = [summarizer.summarize([d])[0] for d in docs]
+    assert [c.token_ids for c in single] == [c.token_ids for c in batched]  # left padding is exact
+    reordered = summarizer.summarize(docs[::-1])
+    assert [c.token_ids for c in reordered] == [c.token_ids for c in batched][::-1]  # input order kept
+    small = HFBackend(summarizer.model, tok, batch_size=2).generate(
+        summarizer.prompts_for(docs), summarizer.corpus_generation
+    )
+    assert [g[0].token_ids for g in small] == [c.token_ids for c in batched]
+    assert len({c.text for c in batched}) > 1, (
+        "tiny model collapsed to one output; the test would prove nothing"
+    )
+    assert tok.padding_side == side  # the tokenizer is not mutated
+    assert isinstance(summarizer.backend, GenerationBackend)
+
+
+def test_sampling_returns_k_completions_whose_ids_match_the_text(summarizer):
+    docs = make_docs(3)
+    params = summarizer.rollout_generation
+    k = params.num_return_sequences
+    assert params.do_sample and k >= 2
+    out = summarizer.summarize(docs, params)
+    assert len(out) == k * len(docs)
+    eos = set(HFBackend(summarizer.model, summarizer.tokenizer).eos_ids())
+    prompts = summarizer.prompts_for(docs)
+    for i, c in enumerate(out):
+        assert c.prompt_ids == summarizer.tokenizer(prompts[i // k], add_special_tokens=False)["input_ids"]
+        assert c.text == summarizer.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        assert c.finished == (c.token_ids[-1] in eos)
+        assert not eos & set(c.token_ids[:-1])  # nothing after the first EOS (no padding)
+        assert c.finished or c.num_tokens == params.max_new_tokens
+    groups = [[tuple(c.token_ids) for c in out[i * k : (i + 1) * k]] for i in range(len(docs))]
+    assert all(len(set(g)) > 1 for g in groups), "k samples of one prompt should differ"
+    again = summarizer.summarize(docs, params)
+    assert [c.token_ids for c in again] == [c.token_ids for c in out]  # same seed, same samples
+    other = summarizer.summarize(docs, replace(params, seed=params.seed + 1))
+    assert [c.token_ids for c in other] != [c.token_ids for c in out]
+
+
+def test_generation_params_validation_and_keys():
+    greedy = GenerationParams(max_new_tokens=32)
+    assert greedy.key() == replace(greedy, seed=7, temperature=0.3).key() == "greedy-max32"
+    sample = GenerationParams(
+        do_sample=True, temperature=0.7, top_p=0.9, top_k=20, num_return_sequences=4, seed=1
+    )
+    assert sample.key() == "sample-t0.7-p0.9-k20-max128-n4-s1"
+    assert sample.key() != replace(sample, seed=2).key()
+    with pytest.raises(ValueError, match="do_sample: true"):
+        GenerationParams(num_return_sequences=4)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationParams(do_sample=True, temperature=0.0)
+
+
+# --------------------------------------------------------------------------- identity
+def test_fingerprint_tracks_weights_and_prompt(summarizer):
+    before = summarizer.fingerprint()
+    assert summarizer.fingerprint() == before
+    p = next(summarizer.model.parameters())
+    with torch.no_grad():
+        p.view(-1)[0] += 1.0
+    try:
+        assert summarizer.fingerprint() != before
+    finally:
+        with torch.no_grad():
+            p.view(-1)[0] -= 1.0
+    assert summarizer.fingerprint() == before
+    other_prompt = SummarizerModule(
+        summarizer.model,
+        summarizer.tokenizer,
+        replace(summarizer.prompt, max_doc_tokens=32),
+        summarizer.corpus_generation,
+        summarizer.rollout_generation,
+    )
+    assert other_prompt.fingerprint() != before
+    assert instantiate(tiny_cfg(seed=1).summarizer).fingerprint() != before  # another random init
+
+
+def test_save_pretrained_reloads_the_same_summarizer(summarizer, tmp_path):
+    folder = summarizer.save_pretrained(tmp_path / "ckpt")
+    assert (folder / "summarizer.json").is_file() and not list(tmp_path.glob(".ckpt*"))
+    cfg = OmegaConf.to_container(tiny_cfg().summarizer, resolve=True)
+    reloaded = build_summarizer(
+        model=str(folder),
+        prompt=cfg["prompt"],
+        corpus_generation=cfg["corpus_generation"],
+        rollout_generation=cfg["rollout_generation"],
+        dtype="fp32",
+    )
+    assert reloaded.fingerprint() == summarizer.fingerprint()
+    docs = make_docs(3)
+    assert [c.text for c in reloaded.summarize(docs)] == [c.text for c in summarizer.summarize(docs)]
+    assert reloaded.describe()["name"] == str(folder)
+    p = next(reloaded.model.parameters())
+    with torch.no_grad():
+        p.view(-1)[:5] += 1.0
+    assert reloaded.fingerprint() != summarizer.fingerprint()
+    reloaded.load_weights(folder)  # in place: how the loop restores a finished iteration
+    assert reloaded.fingerprint() == summarizer.fingerprint()
