@@ -113,6 +113,10 @@ class Loop:
 
     # ------------------------------------------------------------------ pieces
     @property
+    def summarizer_built(self) -> bool:
+        return self._summarizer is not None
+
+    @property
     def summarizer(self) -> Any:
         if self._summarizer is None:
             assert self._build_summarizer is not None

@@ -420,6 +420,15 @@ class RetrievalReward:
             negatives.append(self._qids[index])
         return tuple(negatives)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the negative sampler from `seed`.
+
+        A trainer calls it once per step with `base seed + step`, so the negatives of step
+        `n` depend only on `n`: a run resumed from a checkpoint draws the same q- as an
+        uninterrupted one (the embedding caches are unaffected).
+        """
+        self._generator.manual_seed(int(seed))
+
     def clear_cache(self) -> None:
         """Forget memoised embeddings; required after the retriever's weights change."""
         self._query_cache.clear()

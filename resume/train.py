@@ -63,6 +63,40 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def build_loop(cfg: DictConfig, data: Any, retriever: Any, out: Path, loggers: list[Any], log_metrics: Any) -> Any:
+    """Join the configured pieces into Algorithm 1; phases the experiment switches off stay None."""
+    from resume.loop import Loop, LoopConfig
+    from resume.phases import make_adapt, make_grpo, make_summarize
+
+    loop_cfg = LoopConfig(
+        max_iterations=cfg.loop.max_iterations, stop_on=cfg.loop.stop_on, epsilon=cfg.loop.epsilon,
+        min_iterations=cfg.loop.min_iterations, paper_rows=cfg.loop.paper_rows,
+    )
+    tok = retriever.tokenizer
+
+    def count_tokens(text: str) -> int:  # summary length in RETRIEVER tokens, as the reward counts it
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    iterating = loop_cfg.max_iterations > 0
+    return Loop(
+        data=data,
+        retriever=retriever,
+        evaluator=instantiate(cfg.eval),
+        out_dir=out,
+        cache_dir=cfg.paths.cache_dir,
+        eval_splits=list(cfg.eval_splits),
+        row_name=cfg.experiment_name,
+        corpus_view=cfg.corpus_view,
+        config=loop_cfg,
+        summarizer=lambda: instantiate(cfg.summarizer),
+        summarize=make_summarize(data, cfg.paths.cache_dir, out, count_tokens, **cfg.summaries),
+        grpo=make_grpo(instantiate(cfg.grpo), instantiate(cfg.reward), data, loggers, log_metrics)
+        if iterating and cfg.loop.grpo else None,
+        adapt=make_adapt(instantiate(cfg.adaptation), data, loggers=loggers) if iterating and cfg.loop.adapt else None,
+        log_metrics=log_metrics,
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build everything the config names, run it, write results.json, close the loggers."""
     t0 = time.perf_counter()
@@ -82,31 +116,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for lg in loggers:
                 lg.log_metrics(dict(metrics), step=step)
 
+        log.info("budget: %s", cfg.budget.description)
         data = instantiate(cfg.data)
         log.info("data: %s", json.dumps(data.describe()))
         retriever = instantiate(cfg.retriever)
-        from resume.loop import Loop
-
-        loop = Loop(
-            data=data,
-            retriever=retriever,
-            evaluator=instantiate(cfg.eval),
-            out_dir=out,
-            cache_dir=cfg.paths.cache_dir,
-            eval_splits=list(cfg.eval_splits),
-            row_name=cfg.experiment_name,
-            corpus_view=cfg.corpus_view,
-            log_metrics=log_metrics,
-        )
+        loop = build_loop(cfg, data, retriever, out, loggers, log_metrics)
         outcome = loop.run()
         results = {
             "experiment": cfg.experiment_name,
             "ablation": cfg.ablation_name,
             "seed": cfg.seed,
-            "budget": cfg.budget,
+            "budget": cfg.budget.description,
             "metric_names": list(cfg.eval.metrics),
             "data": data.describe(),
             "retriever": retriever.describe(),
+            "summarizer": loop.summarizer.describe() if loop.summarizer_built else None,
             **outcome,
             "wall_time_s": round(time.perf_counter() - t0, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -92,3 +92,11 @@ def test_tiny_retriever_instantiates(compose_in_tmp):
 def test_retriever_configs_compose(compose_in_tmp, retriever):
     cfg = compose_in_tmp([f"retriever={retriever}"])
     assert cfg.retriever.pooling in ("mean", "cls", "last")
+
+
+def test_notebooks_have_outputs_stripped():
+    import json
+
+    for nb in (CONFIG_DIR.parent / "notebooks").glob("*.ipynb"):
+        cells = json.loads(nb.read_text())["cells"]
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in cells if c["cell_type"] == "code"), nb

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
+import shutil
 import tempfile
-from typing import Any, Callable, Literal, Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -12,7 +18,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from resume.assets import resolve_model
+from resume.retriever.loss import info_nce
 from resume.utils.hashing import fingerprint_state
+from resume.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,14 @@ class DenseRetriever(pl.LightningModule):
 
     Receives a built encoder and tokenizer. Encoding is batched, length-sorted (less
     padding), runs under inference mode and returns L2-normalised float32 CPU tensors.
+
+    Training (retriever adaptation, `resume.retriever.adapt.adapt_retriever`): `training_step`
+    takes a batch `{"query": {input_ids, attention_mask}, "doc": {...}}` whose doc rows
+    `0..B-1` are the positives of the `B` queries (rows `B..` extra negatives) and minimises
+    `info_nce` at `temperature`; `configure_optimizers` calls `optimizer_factory` (e.g.
+    `functools.partial(torch.optim.AdamW, lr=1e-5)`) with two parameter groups, 1-D tensors
+    (biases, LayerNorm) without weight decay, plus a linear warmup over the first
+    `warmup_ratio` of the steps when `warmup_ratio > 0`.
     """
 
     def __init__(
@@ -78,6 +94,41 @@ class DenseRetriever(pl.LightningModule):
         self.name = name
         self.optimizer_factory = optimizer
         self.temperature = temperature
+        self.warmup_ratio = 0.0  # fraction of the fit's steps with linear lr warmup (set per fit by adapt_retriever)
+        # The HF pooler head (BertModel.pooler: dense + tanh on [CLS]) is never read by `pool`; frozen, it
+        # gets no optimizer state and DDP does not wait for gradients it will never receive.
+        if isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
+            encoder.pooler.requires_grad_(False)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        q = self(batch["query"]["input_ids"], batch["query"]["attention_mask"])
+        d = self(batch["doc"]["input_ids"], batch["doc"]["attention_mask"])
+        loss, stats = info_nce(q, d, self.temperature, prefix="retriever/train/")
+        stats["retriever/train/lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        stats["retriever/train/negatives"] = float(d.size(0) - 1)  # per query: in-batch + extra
+        self.log_dict(stats, batch_size=q.size(0), on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError(
+                "DenseRetriever has no optimizer factory; train it through resume.retriever.adapt.adapt_retriever "
+                "(which supplies AdamW from adaptation.lr) or set retriever.optimizer "
+                "({_target_: torch.optim.AdamW, _partial_: true, lr: 1e-5})"
+            )
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for _, p in params if p.ndim >= 2]},
+            {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},  # biases, LayerNorm: no decay
+        ]
+        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
+        if self.warmup_ratio <= 0:
+            return optimizer
+        warmup = max(1, math.ceil(self.warmup_ratio * self.trainer.estimated_stepping_batches))
+        # linear warmup then constant: the paper names only AdamW and its lr, no schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- encoding
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -148,6 +199,52 @@ class DenseRetriever(pl.LightningModule):
             "doc_max_length": self.doc_max_length,
             "parameters": sum(p.numel() for p in self.encoder.parameters()),
         }
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write encoder, tokenizer and `retriever.json` (settings, fingerprint) to `folder`.
+
+        The folder is an ordinary HF model folder, so `retriever.model=<folder>` rebuilds this
+        retriever. It appears complete or not at all (written beside it, then renamed).
+        """
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            self.encoder.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / "retriever.json", {**self.describe(), "fingerprint": self.fingerprint()})
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    def load_weights(self, folder: str | Path) -> None:
+        """Load the encoder weights of a `save_pretrained` folder in place (device, dtype, frozen flags kept).
+
+        The tokenizer and encoding settings stay this module's; a folder saved under other
+        settings loads with a warning.
+        """
+        from transformers import AutoModel
+
+        folder = Path(folder)
+        first = next(self.encoder.parameters())
+        loaded = AutoModel.from_pretrained(folder, dtype=first.dtype)
+        try:
+            self.encoder.load_state_dict(loaded.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"{folder} does not hold weights of this retriever's architecture: {e}") from e
+        meta = folder / "retriever.json"
+        if meta.is_file():
+            saved = json.loads(meta.read_text(encoding="utf-8"))
+            mine = self.describe()
+            keys = ("pooling", "query_max_length", "doc_max_length")
+            if any(saved.get(k) != mine[k] for k in keys):
+                log.warning("%s was saved with other encoding settings than %s; this module keeps its own",
+                            folder, {k: mine[k] for k in keys})
 
 
 def build_retriever(

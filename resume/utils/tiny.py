@@ -21,15 +21,22 @@ def _corpus() -> list[str]:
 
 
 def wordpiece_tokenizer(save_dir: str | Path, vocab_size: int = 1000):
-    """A BERT-style WordPiece tokenizer (lowercase, [CLS]/[SEP]) trained on the toy lexicon."""
+    """A BERT-style WordPiece tokenizer (lowercase, [CLS]/[SEP]) over the toy lexicon.
+
+    The vocabulary is written out, not trained: `tokenizers`' WordPiece trainer orders tied
+    pieces differently from run to run, which would make tiny test models irreproducible.
+    Every character also exists as a piece, so any text tokenizes without [UNK].
+    """
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    words = sorted(set(lexicon(0)) | {"think", "summary"})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *words]
+    vocab = list(dict.fromkeys(vocab))[: max(vocab_size, 5 + 2 * len(chars))]
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(_corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    cls, sep = vocab.index("[CLS]"), vocab.index("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )

@@ -1,0 +1,100 @@
+"""The loop's phases, built from configured pieces: each returns the callable `Loop` expects.
+
+`train.py` builds these once from the config; `Loop` only calls them. Keeping the glue here
+lets the loop stay ignorant of caches, tokenizers and trainers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resume.data import RetrievalData
+from resume.diagnostics import repetition_score
+from resume.summarize import summarize_corpus, summary_stats
+from resume.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def make_summarize(
+    data: RetrievalData,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    count_tokens: Callable[[str], int],
+    batch_size: int = 16,
+    fallback: str = "completion",
+    progress: bool = True,
+) -> Callable[[Any, str], tuple[dict[str, str], dict[str, Any]]]:
+    """Summarize the whole corpus (cached by weights + settings); copy the summaries into the run folder."""
+
+    def summarize(summarizer: Any, label: str) -> tuple[dict[str, str], dict[str, Any]]:
+        result = summarize_corpus(summarizer, data.corpus, cache_dir, batch_size, progress, fallback)
+        stats = summary_stats(result, count_tokens)
+        summaries = [r["summary"] for r in result.records.values() if r["summary"] is not None]
+        stats["repetition_mean"] = float(np.mean([repetition_score(s) for s in summaries])) if summaries else None
+        stats["cache_file"] = str(result.cache_path)
+        lines = (
+            json.dumps({"doc_id": d, "indexed_text": result.texts[d], "summary": r["summary"],
+                        "has_separator": r["has_separator"], "completion": r["completion"]}) + "\n"
+            for d, r in result.records.items()
+        )
+        atomic_write_text(Path(out_dir) / "summaries" / f"{label}.jsonl", "".join(lines))
+        log.info("summaries %s: %s", label, {k: v for k, v in stats.items() if not isinstance(v, str)})
+        return result.texts, stats
+
+    return summarize
+
+
+def make_adapt(
+    adapt: Callable[..., dict[str, float]],
+    data: RetrievalData,
+    train_split: str = "train",
+    loggers: Any = None,
+) -> Callable[[Any, Mapping[str, str], int, Path], dict[str, Any]]:
+    """Contrastive fine-tuning on (training query, indexed text of a relevant document); saves the retriever."""
+    from resume.retriever.adapt import training_pairs
+
+    split = data.split(train_split)
+
+    def run(retriever: Any, texts: Mapping[str, str], iteration: int, folder: Path) -> dict[str, Any]:
+        pairs = training_pairs(split, texts)
+        stats = adapt(retriever, pairs, doc_texts=texts, loggers=loggers)
+        retriever.save_pretrained(folder)
+        return {**stats, "pairs": len(pairs)}
+
+    return run
+
+
+def make_grpo(
+    grpo: Callable[..., dict[str, Any]],
+    reward: Callable[..., Any],
+    data: RetrievalData,
+    loggers: Any = None,
+    log_metrics: Callable[[Mapping[str, float], int | None], None] | None = None,
+    train_split: str = "train",
+) -> Callable[[Any, Any, int, Path], dict[str, Any]]:
+    """GRPO against a reward built on the current (frozen) retriever and the TRAINING split only.
+
+    `reward` is the configured factory (`conf/reward/`); it receives the training queries and
+    qrels alone, so dev and test queries can never reach the reward. `grpo` is `run_grpo`'s
+    factory (`conf/grpo/`); it exports the trained summarizer to `<folder>`.
+    """
+    split = data.split(train_split)
+    doc_texts = {d: doc.full_text for d, doc in data.corpus.items()}
+
+    def run(summarizer: Any, retriever: Any, iteration: int, folder: Path) -> dict[str, Any]:
+        model = reward(retriever=retriever, doc_texts=doc_texts, queries=split.queries, qrels=split.qrels)
+        stats = grpo(summarizer, model, data.corpus, out_dir=folder.parent, loggers=loggers)
+        if Path(stats.get("summarizer", folder)) != folder:
+            raise RuntimeError(f"GRPO exported the summarizer to {stats['summarizer']}, expected {folder}")
+        if log_metrics is not None:
+            log_metrics({f"loop/grpo/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, iteration)
+        return stats
+
+    return run

@@ -1,0 +1,395 @@
+"""Retriever adaptation (steps 2-3 of each iteration): contrastive fine-tuning on (query, summary) pairs.
+
+The loop calls `adapt_retriever(retriever, training_pairs(train_split, summaries))`: InfoNCE
+with in-batch negatives (`resume.retriever.loss.info_nce`, at `retriever.temperature`),
+AdamW, one `pytorch_lightning.Trainer` fit. Batches come from `UniqueDocBatchSampler`,
+which never lets a pair's document act as a negative for a query it is relevant to.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from resume.data import Split
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Pair", "PairCollator", "PairData", "UniqueDocBatchSampler", "adapt_retriever", "training_pairs"]
+
+
+class Pair(NamedTuple):
+    """One training example: a query and the text of one document judged relevant to it."""
+
+    query: str
+    doc: str  # the document's representation being adapted to (its summary, or the full text)
+    doc_id: str
+    query_id: str = ""
+    relevant: frozenset[str] = frozenset()  # every doc judged relevant to the query (kept out of its negatives)
+
+
+def training_pairs(split: Split, doc_texts: Mapping[str, str], min_grade: int = 1) -> list[Pair]:
+    """One `Pair` per judged-relevant (grade >= `min_grade`) (query, document) of `split`, in qrels order.
+
+    `doc_texts` maps doc id -> the text the retriever is adapted to (summaries in the method;
+    full documents also work). Every judged-relevant document must have a text: a missing
+    summary is an error, not a silently smaller training set.
+    """
+    pairs: list[Pair] = []
+    missing: list[str] = []
+    for qid, judged in split.qrels.items():
+        relevant = frozenset(d for d, g in judged.items() if g >= min_grade)
+        for did in sorted(relevant):
+            if did not in doc_texts:
+                missing.append(did)
+                continue
+            pairs.append(Pair(split.queries[qid], doc_texts[did], did, qid, relevant))
+    if missing:
+        raise ValueError(
+            f"{len(missing)} judged-relevant (query, doc) pairs of split {split.name!r} name documents without a "
+            f"text in doc_texts (e.g. {sorted(set(missing))[:5]}); summarize every judged document first"
+        )
+    return pairs
+
+
+class _Batch:
+    """A batch being packed: its pairs, their documents, and the documents relevant to their queries."""
+
+    def __init__(self, doc_ids: list[Hashable], relevant: list[frozenset]) -> None:
+        self.doc_ids, self.relevant = doc_ids, relevant
+        self.items: list[int] = []
+        self.docs: set[Hashable] = set()
+        self.blocked: set[Hashable] = set()
+
+    def fits(self, i: int) -> bool:
+        return self.doc_ids[i] not in self.blocked and self.relevant[i].isdisjoint(self.docs)
+
+    def add(self, i: int) -> None:
+        self.items.append(i)
+        self.docs.add(self.doc_ids[i])
+        self.blocked.update(self.relevant[i])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class UniqueDocBatchSampler(Sampler[list[int]]):
+    """Seeded shuffled batches in which no pair's document is relevant to another pair's query.
+
+    Pair `i` has document `doc_ids[i]` and the set `relevant[i]` of documents judged relevant
+    to its query (default `{doc_ids[i]}`); pairs `i` and `j` may share a batch only if
+    `doc_ids[j] not in relevant[i]` and `doc_ids[i] not in relevant[j]`. So a batch never
+    holds two pairs of one document (their positives would be false negatives of each other),
+    nor, when `relevant` is given, two pairs of one query or a document relevant to another
+    batch query.
+
+    Packing (greedy, O(n) for realistic data): the pairs are permuted with
+    `numpy.random.default_rng([seed, epoch])`; each batch first takes the pairs that were
+    set aside earlier (oldest first), then fills up from the permutation; a pair that does
+    not fit is set aside for a later batch. Every pair is used exactly once per epoch; only
+    the last batches can be smaller than `batch_size` (`drop_last` drops those, and their
+    pairs, for this epoch). The batch count can therefore differ between epochs by a few.
+
+    Epochs work as with `DistributedSampler`: call `set_epoch(e)` before iterating (the same
+    epoch always gives the same batches). With `num_replicas > 1` every rank builds the same
+    plan, pads it by repeating its first batches to a multiple of `num_replicas` (so every
+    rank takes the same number of steps), and takes batches `rank::num_replicas`.
+    """
+
+    def __init__(
+        self,
+        doc_ids: Sequence[Hashable],
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = False,
+        *,
+        relevant: Sequence[Collection[Hashable]] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size ({batch_size}) must be >= 1")
+        if relevant is not None and len(relevant) != len(doc_ids):
+            raise ValueError(f"relevant has {len(relevant)} entries for {len(doc_ids)} doc_ids; give one per pair")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank ({rank}) must be in [0, num_replicas={num_replicas})")
+        self.doc_ids = list(doc_ids)
+        self.relevant = [
+            frozenset(relevant[i]) | {d} if relevant is not None else frozenset([d]) for i, d in enumerate(self.doc_ids)
+        ]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self, epoch: int | None = None) -> list[list[int]]:
+        """All batches of `epoch` (default: the current one), before the split across replicas."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self._pack(epoch))
+        return self._cache[1]
+
+    def _pack(self, epoch: int) -> list[list[int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.doc_ids)).tolist()
+        stream = iter(order)
+        # Pairs set aside, grouped by (doc, relevant): members of one group are interchangeable and
+        # conflict with each other, so a batch tries one per group (cheap even with 10k pairs of one doc).
+        waiting: dict[tuple[Hashable, frozenset], deque[int]] = {}
+        batches: list[list[int]] = []
+        exhausted = False
+        while waiting or not exhausted:
+            batch = _Batch(self.doc_ids, self.relevant)
+            for key in list(waiting):
+                if len(batch) == self.batch_size:
+                    break
+                group = waiting[key]
+                if batch.fits(group[0]):
+                    batch.add(group.popleft())
+                    if not group:
+                        del waiting[key]
+            while len(batch) < self.batch_size:
+                i = next(stream, None)
+                if i is None:
+                    exhausted = True
+                    break
+                if batch.fits(i):
+                    batch.add(i)
+                else:
+                    waiting.setdefault((self.doc_ids[i], self.relevant[i]), deque()).append(i)
+            if batch.items:
+                batches.append(batch.items)
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        return batches
+
+    def _local(self) -> list[list[int]]:
+        batches = self.plan()
+        if self.num_replicas == 1:
+            return batches
+        if self.drop_last:
+            batches = batches[: len(batches) - len(batches) % self.num_replicas]
+        elif batches:
+            pad = -len(batches) % self.num_replicas
+            batches = batches + [batches[i % len(batches)] for i in range(pad)]
+        return batches[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._local())
+
+    def __len__(self) -> int:
+        return len(self._local())
+
+
+@dataclass
+class PairCollator:
+    """Pairs -> `{"query": {input_ids, attention_mask}, "doc": {...}}` for `DenseRetriever.training_step`.
+
+    `tokenize(texts, kind)` is the retriever's (query max length for queries, doc max length for
+    documents). With `negatives > 0`, that many documents drawn uniformly from `negative_pool`
+    (doc id -> text), none judged relevant to any query of the batch, are appended after the
+    positives and shared by all queries. They are random, not mined ("hard") negatives.
+    """
+
+    tokenize: Callable[[list[str], str], Mapping[str, torch.Tensor]]
+    negatives: int = 0
+    negative_pool: Mapping[str, str] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._pool_ids = list(self.negative_pool) if self.negatives else []  # ids are listed only when needed
+        self._rng = np.random.default_rng(self.seed)
+        if self.negatives > len(self._pool_ids):
+            raise ValueError(
+                f"hard_negatives ({self.negatives}) exceeds the {len(self._pool_ids)} documents available to draw "
+                f"them from; lower adaptation.hard_negatives or pass doc_texts"
+            )
+
+    def sample_negatives(self, batch: Sequence[Pair]) -> list[str]:
+        """Ids of `negatives` distinct random docs, none relevant to a query of `batch`."""
+        excluded = set().union(*(p.relevant | {p.doc_id} for p in batch))
+        chosen: dict[str, None] = {}
+        for _ in range(100):  # rejection sampling; the pool is normally far larger than the exclusions
+            for j in self._rng.integers(len(self._pool_ids), size=2 * self.negatives).tolist():
+                did = self._pool_ids[j]
+                if did not in excluded and did not in chosen:
+                    chosen[did] = None
+                    if len(chosen) == self.negatives:
+                        return list(chosen)
+        raise ValueError(
+            f"could not draw {self.negatives} documents outside the {len(excluded)} relevant to this batch from "
+            f"{len(self._pool_ids)}; lower adaptation.hard_negatives"
+        )
+
+    def __call__(self, batch: Sequence[Pair]) -> dict[str, dict[str, torch.Tensor]]:
+        docs = [p.doc for p in batch]
+        if self.negatives:
+            docs += [self.negative_pool[d] for d in self.sample_negatives(batch)]
+        q = self.tokenize([p.query for p in batch], "query")
+        d = self.tokenize(docs, "doc")
+        keep = ("input_ids", "attention_mask")
+        return {"query": {k: q[k] for k in keep}, "doc": {k: d[k] for k in keep}}
+
+
+class PairData(pl.LightningDataModule):
+    """Builds the epoch's dataloader once the Trainer knows the world size, rank and epoch."""
+
+    def __init__(self, pairs: Sequence[Pair], collate: PairCollator, batch_size: int, seed: int, drop_last: bool):
+        super().__init__()
+        self.pairs, self.collate = list(pairs), collate
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = UniqueDocBatchSampler(
+            [p.doc_id for p in self.pairs],
+            self.batch_size,
+            self.seed,
+            self.drop_last,
+            relevant=[p.relevant for p in self.pairs],
+            num_replicas=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+        )
+        # rebuilt every epoch (reload_dataloaders_every_n_epochs=1), so len() is this epoch's exact batch count
+        sampler.set_epoch(self.trainer.current_epoch)
+        return DataLoader(self.pairs, batch_sampler=sampler, collate_fn=self.collate, num_workers=0)
+
+
+# Trainer arguments adapt_retriever owns: set them through its own parameters instead.
+_OWNED_TRAINER_KEYS = ("max_epochs", "max_steps", "logger", "reload_dataloaders_every_n_epochs", "use_distributed_sampler")
+
+
+@contextmanager
+def _fit_settings(retriever: Any, optimizer: Callable[..., torch.optim.Optimizer], warmup_ratio: float) -> Iterator[None]:
+    """The retriever's optimizer and warmup for one fit; its own settings come back afterwards."""
+    saved = retriever.optimizer_factory, retriever.warmup_ratio
+    retriever.optimizer_factory, retriever.warmup_ratio = optimizer, warmup_ratio
+    try:
+        yield
+    finally:
+        retriever.optimizer_factory, retriever.warmup_ratio = saved
+
+
+def adapt_retriever(
+    retriever: Any,
+    pairs: Sequence[Pair],
+    *,
+    batch_size: int = 32,
+    epochs: int = 1,
+    max_steps: int = -1,
+    lr: float = 1e-5,
+    weight_decay: float = 0.01,
+    warmup_ratio: float = 0.0,
+    hard_negatives: int = 0,
+    doc_texts: Mapping[str, str] | None = None,
+    drop_last: bool = False,
+    seed: int = 0,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    loggers: Any = None,
+) -> dict[str, float]:
+    """Fine-tune `retriever` (a `DenseRetriever`) in place on `pairs` with InfoNCE; return training stats.
+
+    Args:
+        retriever: the model; trained in train mode on the Trainer's device, then moved back to its
+            device and mode.
+        pairs: from `training_pairs` (training queries x texts of their relevant documents).
+        batch_size: pairs per batch and per device (in-batch negatives: `batch_size - 1` per query).
+        epochs, max_steps: training stops at whichever comes first (`max_steps=-1`: epochs only).
+        lr, weight_decay: AdamW's (the paper: lr 1e-5); biases and LayerNorm get no decay.
+        warmup_ratio: fraction of the steps with a linear lr warmup (0: none; constant lr afterwards).
+        hard_negatives: extra negatives per batch shared by all queries, drawn at random from
+            `doc_texts` among the documents relevant to no query of the batch (0, the paper's setting).
+        doc_texts: doc id -> text to draw those negatives from (required when `hard_negatives > 0`).
+        drop_last: drop each epoch's incomplete last batches (their pairs are skipped that epoch).
+        seed: seeds batch order and negative sampling (dropout follows the global torch seed).
+        optimizer: a factory `params -> Optimizer` replacing `AdamW(lr, weight_decay)`.
+        trainer_kwargs: more `pytorch_lightning.Trainer` arguments (accelerator, devices, precision,
+            strategy, gradient_clip_val, ...); the keys in `_OWNED_TRAINER_KEYS` are set here instead.
+        loggers: Lightning logger(s) receiving the per-step `retriever/train/*` metrics.
+
+    Returns:
+        `retriever/train/{steps, epochs, pairs, loss, accuracy, seconds}`; loss and accuracy are
+        those of the last step.
+    """
+    if not pairs:
+        raise ValueError("adapt_retriever got no training pairs; the training split has no judged-relevant pair")
+    if batch_size < 2 and hard_negatives < 1:
+        raise ValueError(
+            f"batch_size ({batch_size}) leaves a query no negative, so InfoNCE is constant; "
+            f"set adaptation.batch_size >= 2 or adaptation.hard_negatives >= 1"
+        )
+    if epochs < 1:
+        raise ValueError(f"adaptation.epochs ({epochs}) must be >= 1")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"adaptation.warmup_ratio ({warmup_ratio}) must be in [0, 1)")
+    if hard_negatives < 0 or (hard_negatives > 0 and not doc_texts):
+        raise ValueError(
+            f"hard_negatives={hard_negatives} needs hard_negatives >= 0 and, when > 0, doc_texts to draw them from"
+        )
+    if not any(p.requires_grad for p in retriever.parameters()):
+        raise ValueError("the retriever has no trainable parameter (frozen as a reward model?); "
+                         "call retriever.requires_grad_(True) before adapting it")
+    extra = dict(trainer_kwargs or {})
+    owned = sorted(k for k in extra if k in _OWNED_TRAINER_KEYS)
+    if owned:
+        raise ValueError(
+            f"trainer_kwargs sets {owned}, which adapt_retriever controls; use adaptation.epochs / "
+            f"adaptation.max_steps and the loggers argument instead"
+        )
+    kwargs: dict[str, Any] = {
+        "accelerator": "auto",
+        "devices": 1,
+        "precision": "32-true",
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+        **extra,
+        "max_epochs": epochs,
+        "max_steps": max_steps,
+        "logger": loggers if loggers else False,
+        "reload_dataloaders_every_n_epochs": 1,  # a fresh, correctly sized batch plan every epoch
+        "use_distributed_sampler": False,  # UniqueDocBatchSampler shards across ranks itself
+    }
+    trainer = pl.Trainer(**kwargs)
+    collate = PairCollator(retriever.tokenize, hard_negatives, doc_texts if hard_negatives else {}, seed)
+    data = PairData(pairs, collate, batch_size, seed, drop_last)
+    opt = optimizer or functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+    device, was_training = retriever.device, retriever.training
+    t0 = time.perf_counter()
+    try:
+        with _fit_settings(retriever, opt, warmup_ratio):
+            retriever.train()  # dropout on; Lightning 2.x keeps whatever mode the module arrives in
+            trainer.fit(retriever, datamodule=data)
+    finally:
+        retriever.to(device)
+        retriever.train(was_training)
+    seconds = time.perf_counter() - t0
+    metrics = trainer.callback_metrics
+    stats = {
+        "retriever/train/steps": float(trainer.global_step),
+        "retriever/train/epochs": float(trainer.current_epoch),
+        "retriever/train/pairs": float(len(pairs)),
+        "retriever/train/loss": float(metrics.get("retriever/train/loss", float("nan"))),
+        "retriever/train/accuracy": float(metrics.get("retriever/train/accuracy", float("nan"))),
+        "retriever/train/seconds": round(seconds, 3),
+    }
+    log.info("retriever adaptation: %s", stats)
+    return stats
