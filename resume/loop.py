@@ -17,10 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytorch_lightning as pl
 
 from resume.data import RetrievalData
 from resume.utils.io import atomic_write_json
@@ -37,6 +40,7 @@ class LoopConfig:
     epsilon: float = 0.0                # stop when the watched value improves by less than this
     min_iterations: int = 1             # never stop before this many iterations
     paper_rows: bool = False            # also evaluate the intermediate states that are paper rows
+    seed: int = 0                       # every phase starts from seed-derived RNG states (see _phase)
 
     def __post_init__(self) -> None:
         if self.max_iterations < 0:
@@ -157,6 +161,9 @@ class Loop:
             log.info("phase %s already finished (record %s): restoring its outputs", name, self.records.folder)
             restore(done)
             return done
+        # Each phase starts from RNG states derived from (seed, phase name), not from whatever
+        # earlier phases consumed: a run resumed at this phase computes what an uninterrupted one would.
+        pl.seed_everything(self.config.seed + zlib.crc32(name.encode()) % 100_000, verbose=False)
         t0 = time.perf_counter()
         record = fn()
         record["seconds"] = round(time.perf_counter() - t0, 2)

@@ -70,7 +70,7 @@ def build_loop(cfg: DictConfig, data: Any, retriever: Any, out: Path, loggers: l
 
     loop_cfg = LoopConfig(
         max_iterations=cfg.loop.max_iterations, stop_on=cfg.loop.stop_on, epsilon=cfg.loop.epsilon,
-        min_iterations=cfg.loop.min_iterations, paper_rows=cfg.loop.paper_rows,
+        min_iterations=cfg.loop.min_iterations, paper_rows=cfg.loop.paper_rows, seed=cfg.seed,
     )
     tok = retriever.tokenizer
 
@@ -148,7 +148,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    results = run(cfg)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # One failing job must not stop a sweep: record the error in its folder and go on
+        # (its loggers are already closed by run()'s finally).
+        try:
+            results = run(cfg)
+        except Exception:  # noqa: BLE001
+            import traceback
+
+            err = traceback.format_exc()
+            atomic_write_text(Path(cfg.paths.output_dir) / "error.txt", err)
+            log.error("job %s failed; the sweep goes on. Traceback in %s/error.txt\n%s",
+                      cfg.run_name, cfg.paths.output_dir, err)
+            return None
+    else:
+        results = run(cfg)
     final = [r for r in results["rows"] if r["split"] == cfg.data.eval_split]
     return final[-1]["metrics"].get("ndcg@10") if final else None  # sweeper objective
 

@@ -15,7 +15,9 @@ from resume.utils.config import CONFIG_DIR, REPO_ROOT
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny test models gain nothing from a second thread, and on a busy 2-core machine two threads
+# made small matmuls 10-100x slower (measured); real-model tests set their own.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(os.environ.get("RESUME_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

@@ -253,6 +253,7 @@ def build_retriever(
     config: Mapping[str, Any] | None = None,
     tokenizer: str | None = None,
     seed: int = 0,
+    device: str = "auto",
     **kwargs: Any,
 ) -> DenseRetriever:
     """Build from a hub name or local folder (`model`), or random-initialised from an HF `config` dict.
@@ -284,4 +285,12 @@ def build_retriever(
             torch.manual_seed(seed)
             encoder = AutoModel.from_config(hf_cfg)
         name = f"random-{model_type}"
-    return DenseRetriever(encoder, tok, pooling=pooling, name=kwargs.pop("name", None) or name, **kwargs)
+    retriever = DenseRetriever(encoder, tok, pooling=pooling, name=kwargs.pop("name", None) or name, **kwargs)
+    return retriever.to(resolve_device(device))
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> the first CUDA GPU when one is visible, else the CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -229,6 +229,7 @@ def build_summarizer(
     name: str | None = None,
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     backend_factory: BackendFactory | None = None,
+    device: str = "auto",
 ) -> SummarizerModule:
     """Build from a hub name or local folder (`model`), or random-initialised from an HF `config` dict.
 
@@ -275,8 +276,10 @@ def build_summarizer(
         lm.generation_config.eos_token_id = tok.eos_token_id
         lm.generation_config.pad_token_id = tok.pad_token_id
         default_name = f"random-{model_type}"
+    from resume.retriever.module import resolve_device
+
     return SummarizerModule(
-        lm,
+        lm.to(resolve_device(device)),
         tok,
         prompt=PromptTemplate(**_plain(prompt)),
         corpus_generation=GenerationParams(**_plain(corpus_generation)),
