@@ -100,3 +100,16 @@ def test_notebooks_have_outputs_stripped():
     for nb in (CONFIG_DIR.parent / "notebooks").glob("*.ipynb"):
         cells = json.loads(nb.read_text())["cells"]
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in cells if c["cell_type"] == "code"), nb
+
+
+@pytest.mark.real
+def test_default_budget_builds_its_data_and_reward(compose_in_tmp):
+    """The embedded default's budget is consistent: its SciFact subset loads and its reward
+    (negatives pool, rewardable documents) validates. Caught two budget errors before a long run."""
+    cfg = compose_in_tmp(["retriever=tiny"])  # the default run, with a stand-in retriever
+    data = instantiate(cfg.data)
+    assert len(data.corpus) == cfg.data.max_docs
+    train = data.split("train")
+    reward = instantiate(cfg.reward)(retriever=instantiate(cfg.retriever), doc_texts={d: doc.full_text for d, doc in data.corpus.items()},
+                                     queries=train.queries, qrels=train.qrels)
+    assert len(reward.rewardable_doc_ids()) >= cfg.grpo.config.prompts_per_step
