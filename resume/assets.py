@@ -9,11 +9,14 @@ needs no network while the loading code stays the ordinary `from_pretrained(name
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from resume.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ def _smollm2() -> Path | None:
         return None
     target = cache_root() / "models" / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file():
+        _drop_gguf_marker(target / "config.json")  # folders converted before that fix
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,6 +57,10 @@ def _smollm2() -> Path | None:
     # save_pretrained refuses quantized models; the weights are already dequantized to fp32.
     model.hf_quantizer = None
     model.is_quantized = False
+    # Without this the saved config still says "gguf", and every later save_pretrained of the
+    # (trained) model refuses: "model is quantized with GGUF and is not serializable".
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -60,6 +68,14 @@ def _smollm2() -> Path | None:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # a half-converted folder is never taken for a finished one
     return target
+
+
+def _drop_gguf_marker(config_path: Path) -> None:
+    """Remove a leftover `quantization_config: {quant_method: gguf}`: the weights are plain fp32."""
+    cfg = json.loads(config_path.read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") == "gguf":
+        del cfg["quantization_config"]
+        atomic_write_json(config_path, cfg)
 
 
 OFFLINE_COPIES: dict[str, Callable[[], Path | None]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,10 @@ def make_grpo(
 
     def run(summarizer: Any, retriever: Any, iteration: int, folder: Path) -> dict[str, Any]:
         model = reward(retriever=retriever, doc_texts=doc_texts, queries=split.queries, qrels=split.qrels)
-        stats = grpo(summarizer, model, data.corpus, out_dir=folder.parent, loggers=loggers)
+        # a fresh seed per iteration: otherwise every round replays the same documents and samples
+        config = getattr(grpo, "keywords", {}).get("config")
+        extra = {"config": replace(config, seed=config.seed + 1000 * iteration)} if config is not None else {}
+        stats = grpo(summarizer, model, data.corpus, out_dir=folder.parent, loggers=loggers, **extra)
         if Path(stats.get("summarizer", folder)) != folder:
             raise RuntimeError(f"GRPO exported the summarizer to {stats['summarizer']}, expected {folder}")
         if log_metrics is not None:
