@@ -252,7 +252,9 @@ def test_grpo_configs_build_a_run_grpo_factory(compose_in_tmp, name):
     assert grpo.func is run_grpo and isinstance(grpo.keywords["config"], GRPOConfig)
     optimizer = grpo.keywords["optimizer"]([torch.nn.Parameter(torch.zeros(2))])
     assert isinstance(optimizer, torch.optim.AdamW)
-    grpo.keywords["scheduler"](optimizer, total_steps=4).step()
+    scheduler = grpo.keywords["scheduler"](optimizer, total_steps=4)
+    optimizer.step()
+    scheduler.step()
 
 
 @pytest.mark.parametrize(

@@ -868,6 +868,7 @@ def history_stats(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out[f"{name}_first"] = seen[0] if seen else None
         out[f"{name}_last"] = seen[-1] if seen else None
     out["tokens_generated"] = int(sum(values("train/tokens")) + sum(values("val/tokens")))
+    out["train_seconds"] = round(float(sum(values("time/step"))), 2)  # every step, resumed runs included
     return out
 
 
@@ -910,7 +911,8 @@ def run_grpo(
         reward: `RetrievalReward`-like, its retriever frozen.
         docs: doc id -> `Document` (title, text).
         doc_ids: the documents to train on (default: `reward.rewardable_doc_ids()`); a seeded
-            `val_fraction` of them (at most `config.val_max_docs`) is held out for validation.
+            `val_fraction` of them (at most `config.val_max_docs`; none when `config.val_every` is 0) is
+            held out for validation.
         out_dir: checkpoints (`checkpoints/last.ckpt`: a rerun resumes from it), samples, history,
             curves and the exported summarizer.
         config: hyper-parameters (`GRPOConfig`).
@@ -923,7 +925,8 @@ def run_grpo(
     Returns:
         `steps`, `reward_mean` (mean over the last 25% of the steps), `reward_first/last`,
         `separator_rate_first/last`, `val_reward_first/last`, `val_separator_rate_first/last`,
-        `completion_length_first/last`, `tokens_generated`, `seconds` (this call), `resumed`,
+        `completion_length_first/last`, `tokens_generated`, `train_seconds` (all steps), `seconds` (this
+        call), `resumed`,
         and the paths `summarizer`, `history`, `curves`.
     """
     config = config or GRPOConfig()
