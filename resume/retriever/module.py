@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,7 +18,7 @@ from tqdm.auto import tqdm
 from resume.assets import resolve_model
 from resume.retriever.loss import info_nce
 from resume.utils.hashing import fingerprint_state
-from resume.utils.io import atomic_write_json
+from resume.utils.io import atomic_save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -207,20 +205,8 @@ class DenseRetriever(pl.LightningModule):
         The folder is an ordinary HF model folder, so `retriever.model=<folder>` rebuilds this
         retriever. It appears complete or not at all (written beside it, then renamed).
         """
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        try:
-            self.encoder.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / "retriever.json", {**self.describe(), "fingerprint": self.fingerprint()})
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+        meta = {**self.describe(), "fingerprint": self.fingerprint()}
+        return atomic_save_pretrained(folder, self.encoder, self.tokenizer, "retriever.json", meta)
 
     def load_weights(self, folder: str | Path) -> None:
         """Load the encoder weights of a `save_pretrained` folder in place (device, dtype, frozen flags kept).

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +22,7 @@ from resume.summarizer.generate import Completion, GenerationBackend, Generation
 from resume.summarizer.parsing import SEPARATOR
 from resume.summarizer.prompts import PromptTemplate
 from resume.utils.hashing import fingerprint_state
-from resume.utils.io import atomic_write_json
+from resume.utils.io import atomic_save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -165,20 +163,8 @@ class SummarizerModule(pl.LightningModule):
         The folder appears complete or not at all (written beside it, then renamed), so a
         crash never leaves a checkpoint that loads half the weights.
         """
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        try:
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / "summarizer.json", {**self.describe(), "fingerprint": self.fingerprint()})
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+        meta = {**self.describe(), "fingerprint": self.fingerprint()}
+        return atomic_save_pretrained(folder, self.model, self.tokenizer, "summarizer.json", meta)
 
 
 # ---------------------------------------------------------------------- building

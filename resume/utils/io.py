@@ -41,3 +41,27 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save_pretrained(folder: str | Path, model: Any, tokenizer: Any, meta_name: str, meta: Any) -> Path:
+    """Write an HF model + tokenizer + a JSON sidecar to `folder`, complete or not at all.
+
+    Written into a temporary folder beside it, then renamed: a crash never leaves a folder that
+    loads half the weights.
+    """
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / meta_name, meta)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
