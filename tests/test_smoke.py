@@ -47,3 +47,18 @@ def test_local_encoder_folder_as_retriever(compose_in_tmp, tmp_path):
     ref = tiny.encode_documents(["zesudo gemoki"])
     mine = instantiate(cfg.retriever).encode_documents(["zesudo gemoki"])
     assert (ref - mine).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("experiment", "phases"),
+    [("fixed_summary", []), ("non_iterative", ["iter1-grpo"])],
+)
+def test_standalone_experiments_run(compose_in_tmp, tmp_path, experiment, phases):
+    """Each paper row also runs as its own experiment, with only the phases it needs."""
+    results = run(compose_in_tmp(["debug=smoke", f"experiment={experiment}", "grpo.config.steps=1",
+                                  "grpo.config.val_every=0", "logger=none"]))
+    assert [r["row"] for r in results["rows"]] == [experiment, experiment]  # dev, test
+    assert all(r["view"] == "summaries" for r in results["rows"])
+    done = sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json"))
+    assert done == phases  # non_iterative: GRPO, no adaptation
+    assert results["summarizer"] is not None
