@@ -114,6 +114,7 @@ class Loop:
         self.records = PhaseRecords(self.out_dir / "phases")
         self.phase_seconds: dict[str, float] = {}
         self.summary_stats: dict[str, Any] = {}
+        self._summaries: dict[str, dict[str, str]] = {}  # label -> texts, made once per run
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -133,9 +134,12 @@ class Loop:
     def summaries(self, label: str) -> dict[str, str]:
         """Summaries of the whole corpus by the current summarizer (cached by weights and settings)."""
         assert self.summarize_fn is not None
+        if label in self._summaries:  # the final evaluation reuses the last iteration's summaries
+            return self._summaries[label]
         t0 = time.perf_counter()
         texts, stats = self.summarize_fn(self.summarizer, label)
         self._add_time(f"summarize/{label}", time.perf_counter() - t0)
+        self._summaries[label] = texts
         self.summary_stats[label] = stats
         self.log_metrics({f"summaries/{label}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, None)
         return texts

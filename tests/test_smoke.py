@@ -62,3 +62,8 @@ def test_standalone_experiments_run(compose_in_tmp, tmp_path, experiment, phases
     done = sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json"))
     assert done == phases  # non_iterative: GRPO, no adaptation
     assert results["summarizer"] is not None
+    # the final evaluation reuses the iteration's summaries: their statistics are not overwritten
+    # by a second, cache-hit call
+    last = results["summaries"][max(results["summaries"])]
+    assert last["n_generated"] + last["cache_hits"] == last["n_docs"]
+    assert f"summarize/{max(results['summaries'])}" in results["seconds"]
