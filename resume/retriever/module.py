@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from resume.assets import resolve_model
 from resume.retriever.loss import info_nce
 from resume.utils.hashing import fingerprint_state
-from resume.utils.io import atomic_save_pretrained
+from resume.utils.io import atomic_save_pretrained, load_pretrained_into
 
 log = logging.getLogger(__name__)
 
@@ -217,12 +217,7 @@ class DenseRetriever(pl.LightningModule):
         from transformers import AutoModel
 
         folder = Path(folder)
-        first = next(self.encoder.parameters())
-        loaded = AutoModel.from_pretrained(folder, dtype=first.dtype)
-        try:
-            self.encoder.load_state_dict(loaded.state_dict())
-        except RuntimeError as e:
-            raise ValueError(f"{folder} does not hold weights of this retriever's architecture: {e}") from e
+        load_pretrained_into(self.encoder, folder, AutoModel, "retriever")
         meta = folder / "retriever.json"
         if meta.is_file():
             saved = json.loads(meta.read_text(encoding="utf-8"))

@@ -22,7 +22,7 @@ from resume.summarizer.generate import Completion, GenerationBackend, Generation
 from resume.summarizer.parsing import SEPARATOR
 from resume.summarizer.prompts import PromptTemplate
 from resume.utils.hashing import fingerprint_state
-from resume.utils.io import atomic_save_pretrained
+from resume.utils.io import atomic_save_pretrained, load_pretrained_into
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,7 @@ class SummarizerModule(pl.LightningModule):
         from transformers import AutoModelForCausalLM
 
         folder = Path(folder)
-        first = next(self.model.parameters())
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=first.dtype)
-        try:
-            self.model.load_state_dict(loaded.state_dict())
-        except RuntimeError as e:
-            raise ValueError(f"{folder} does not hold weights of this model's architecture: {e}") from e
+        load_pretrained_into(self.model, folder, AutoModelForCausalLM, "model")
         meta = folder / "summarizer.json"
         if meta.is_file():
             saved = json.loads(meta.read_text(encoding="utf-8"))

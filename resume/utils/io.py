@@ -65,3 +65,13 @@ def atomic_save_pretrained(folder: str | Path, model: Any, tokenizer: Any, meta_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def load_pretrained_into(module: Any, folder: str | Path, auto_class: Any, what: str) -> None:
+    """Load a `save_pretrained` folder's weights into `module` in place (its device and dtype kept)."""
+    first = next(module.parameters())
+    loaded = auto_class.from_pretrained(Path(folder), dtype=first.dtype)
+    try:
+        module.load_state_dict(loaded.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"{folder} does not hold weights of this {what}'s architecture: {e}") from e
