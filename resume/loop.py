@@ -129,7 +129,7 @@ class Loop:
         return self._summarizer
 
     def documents(self) -> dict[str, str]:
-        return {d: doc.full_text for d, doc in self.data.corpus.items()}
+        return self.data.full_texts()
 
     def summaries(self, label: str) -> dict[str, str]:
         """Summaries of the whole corpus by the current summarizer (cached by weights and settings)."""

@@ -87,7 +87,7 @@ def make_grpo(
     factory (`conf/grpo/`); it exports the trained summarizer to `<folder>`.
     """
     split = data.split(train_split)
-    doc_texts = {d: doc.full_text for d, doc in data.corpus.items()}
+    doc_texts = data.full_texts()
 
     def run(summarizer: Any, retriever: Any, iteration: int, folder: Path) -> dict[str, Any]:
         model = reward(retriever=retriever, doc_texts=doc_texts, queries=split.queries, qrels=split.qrels)

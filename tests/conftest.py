@@ -15,9 +15,6 @@ from resume.utils.config import CONFIG_DIR, REPO_ROOT
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# Tiny test models gain nothing from a second thread, and on a busy 2-core machine two threads
-# made small matmuls 10-100x slower (measured); real-model tests set their own.
-torch.set_num_threads(1)
 
 SHARED_DATA = Path(os.environ.get("RESUME_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -30,6 +27,17 @@ def compose_cfg(overrides: list[str], tmp_path: Path) -> DictConfig:
         cfg.paths.output_dir = str(tmp_path / "out")
         cfg.paths.cache_dir = str(tmp_path / "cache")
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts single-threaded and restores the count after: tiny test models gain nothing
+    from a second thread, and on a busy 2-core machine two threads made small matmuls 10-100x
+    slower (measured). Real-model tests raise it themselves."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import pytest
 import torch
 import yaml
 from hydra.utils import instantiate
@@ -96,12 +95,3 @@ class ShapedReward:
     def compute(self, completions: Sequence[str], doc_ids: Sequence[str]) -> Any:
         batch = self.base.compute(completions, doc_ids)
         return replace(batch, total=batch.total + self.bonus.compute(completions, doc_ids).total)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run ~100x slower with 2 intra-op threads on a busy 2-core machine (spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -32,15 +32,6 @@ MIN_GAIN = 0.3
 MIN_AFTER = 0.8
 
 
-@pytest.fixture
-def one_thread():
-    """A 32-wide model gains nothing from 2 threads, and on a busy 2-core runner they can make it 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _compose(compose_in_tmp, seed: int):
     base = ["retriever=tiny", f"seed={seed}"]
     try:  # the adaptation group may or may not be in the root defaults list
@@ -62,7 +53,7 @@ def _train_metrics(retriever, data) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_infonce_adaptation_learns_toy_retrieval(compose_in_tmp, tmp_path: Path, one_thread, seed):
+def test_infonce_adaptation_learns_toy_retrieval(compose_in_tmp, tmp_path: Path, seed):
     cfg = _compose(compose_in_tmp, seed)
     torch.manual_seed(seed)  # dropout
     retriever = instantiate(cfg.retriever)
@@ -88,7 +79,7 @@ def test_infonce_adaptation_learns_toy_retrieval(compose_in_tmp, tmp_path: Path,
     assert retriever.training  # the mode it came in
 
 
-def test_extra_negatives_warmup_step_cap_and_checkpoint(compose_in_tmp, tmp_path: Path, one_thread):
+def test_extra_negatives_warmup_step_cap_and_checkpoint(compose_in_tmp, tmp_path: Path):
     cfg = _compose(compose_in_tmp, 0)
     retriever = instantiate(cfg.retriever).eval()
     data = load_beir(write_toy(tmp_path / "toy", seed=0), ["train", "test"], name="toy")

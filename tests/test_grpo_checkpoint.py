@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from grpo_fixtures import ShapedReward, one_thread, retrieval_reward, toy_config  # noqa: F401 (fixture)
+from grpo_fixtures import ShapedReward, retrieval_reward, toy_config
 from hydra.utils import instantiate
 
 from resume.summarizer.rl import GRPOConfig, lr_schedule, run_grpo
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 2  # killed after N GRPO steps, resumed to 2N
 

@@ -9,13 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from grpo_fixtures import WordStartReward, group, one_thread, retrieval_reward, toy_config  # noqa: F401
+from grpo_fixtures import WordStartReward, group, retrieval_reward, toy_config
 from hydra.utils import instantiate
 from pytorch_lightning.loggers import CSVLogger
 
 from resume.summarizer.rl import GRPOConfig, pack_completions, run_grpo
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _adamw(lr: float) -> functools.partial:

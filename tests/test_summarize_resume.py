@@ -19,7 +19,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -31,14 +30,6 @@ from resume.utils.config import CONFIG_DIR
 
 CHILD = Path(__file__).parent / "helpers" / "summarize_child.py"
 N_DOCS, BATCH = 12, 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class CountingBackend:

@@ -16,15 +16,6 @@ from resume.summarizer.prompts import PromptTemplate
 from resume.utils.config import CONFIG_DIR
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A 2-layer hidden-32 model is overhead-bound: a second thread only adds contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cfg(seed: int = 0):
     return OmegaConf.create(
         {"seed": seed, "summarizer": OmegaConf.load(CONFIG_DIR / "summarizer" / "tiny.yaml")}

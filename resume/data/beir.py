@@ -41,10 +41,6 @@ class Split:
     queries: dict[str, str]
     qrels: Qrels
 
-    def relevant(self, min_grade: int = 1) -> dict[str, set[str]]:
-        """Query id -> ids of the documents judged relevant (grade >= min_grade)."""
-        return {q: {d for d, g in docs.items() if g >= min_grade} for q, docs in self.qrels.items()}
-
 
 @dataclass
 class RetrievalData:
@@ -64,6 +60,10 @@ class RetrievalData:
                 f"check data.splits / data.eval_split"
             )
         return self.splits[name]
+
+    def full_texts(self) -> dict[str, str]:
+        """Doc id -> title and body as the retriever reads a document (the baseline's index texts)."""
+        return {d: doc.full_text for d, doc in self.corpus.items()}
 
     def describe(self) -> dict[str, object]:
         """What every result records about the data it was computed on."""
