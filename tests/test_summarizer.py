@@ -197,3 +197,34 @@ def test_save_pretrained_reloads_the_same_summarizer(summarizer, tmp_path):
     assert reloaded.fingerprint() != summarizer.fingerprint()
     reloaded.load_weights(folder)  # in place: how the loop restores a finished iteration
     assert reloaded.fingerprint() == summarizer.fingerprint()
+
+
+def test_shared_prefix_cache_gives_the_same_completions_for_fewer_forwarded_tokens(summarizer):
+    """The few-shot prefix runs once per call; greedy and sampled completions equal the plain path."""
+    few_shot = replace(
+        summarizer.prompt,
+        system="You write search summaries. " * 6,
+        examples=({"title": "Rail", "text": "The railway opened in 1904.", "response": "Topic: rail </think> A line."},),
+    )
+    prompts = [few_shot.render(summarizer.tokenizer, t, x) for t, x in make_docs(5)]
+    plain = HFBackend(summarizer.model, summarizer.tokenizer, batch_size=4, prefix_cache=False)
+    cached = HFBackend(summarizer.model, summarizer.tokenizer, batch_size=4, prefix_cache=True)
+    forwarded: list[int] = []
+    hook = summarizer.model.model.embed_tokens.register_forward_hook(
+        lambda mod, args, out: forwarded.append(args[0].numel())
+    )
+    try:
+        for params in (summarizer.corpus_generation, summarizer.rollout_generation):
+            forwarded.clear()
+            want = plain.generate(prompts, params)
+            plain_tokens = sum(forwarded)
+            forwarded.clear()
+            got = cached.generate(prompts, params)
+            assert cached.last_prefix_length >= 60 and plain.last_prefix_length == 0
+            assert sum(forwarded) < plain_tokens - 2 * cached.last_prefix_length  # the prefix ran once
+            assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in want]
+            assert [[c.prompt_ids for c in g] for g in got] == [[c.prompt_ids for c in g] for g in want]
+    finally:
+        hook.remove()
+    assert HFBackend.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps one own token
+    assert HFBackend.shared_prefix_length([[1, 2, 3], [4, 2, 3]]) == 0

@@ -20,6 +20,7 @@ steps.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -154,14 +155,35 @@ class HFBackend:
     - The model reads from `self.model` at call time, so moving the module to a GPU or
       updating its weights is seen by the next call. It runs in eval mode (no dropout)
       under `torch.no_grad`; the previous train/eval mode is restored.
+    - Shared-prefix KV cache (`prefix_cache`, on by default): the token prefix that every
+      prompt of a call shares (system message and few-shot turns, ~550 of SmolLM2's ~760
+      prompt tokens) is run through the model once per call; each batch starts from a copy
+      of its keys and values and prefills only its own suffixes. The rows are laid out as
+      `[prefix][padding][suffix]`: positions come from the attention mask, so every
+      suffix sits at the positions it has in the plain layout and the completions are the
+      same (up to float rounding: the shared prefix is computed at batch size 1). On 2 CPU
+      cores it cut SmolLM2's prefill of 8 SciFact prompts from 15.4 s to 4.1 s + 1.4 s
+      once. It engages when the common prefix has at least `min_prefix_tokens` tokens.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        batch_size: int = 8,
+        prefix_cache: bool = True,
+        min_prefix_tokens: int = 32,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"summarizer.batch_size ({batch_size}) must be >= 1")
+        if min_prefix_tokens < 1:
+            raise ValueError(f"min_prefix_tokens ({min_prefix_tokens}) must be >= 1")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.prefix_cache = prefix_cache
+        self.min_prefix_tokens = min_prefix_tokens
+        self.last_prefix_length = 0  # tokens served from the shared-prefix cache in the last call
 
     def eos_ids(self) -> list[int]:
         """Every token id that ends a completion: the generation config's and the tokenizer's EOS."""
@@ -204,6 +226,32 @@ class HFBackend:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return Completion(text=text, token_ids=token_ids, prompt_ids=prompt_ids, finished=cut is not None)
 
+    @staticmethod
+    def shared_prefix_length(seqs: list[list[int]]) -> int:
+        """Length of the token prefix common to every sequence, leaving each at least one own token
+        (the first new token's logits need a forward pass over something)."""
+        first, n = seqs[0], min(len(s) for s in seqs) - 1
+        p = 0
+        while p < n and all(s[p] == first[p] for s in seqs):
+            p += 1
+        return p
+
+    def _prefix_layout(
+        self, prefix: list[int], suffixes: list[list[int]], pad_id: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Rows `[prefix][left padding][suffix]` with the matching attention mask."""
+        tail = self._left_pad(suffixes, pad_id, torch.device("cpu"))
+        ids = torch.cat([torch.tensor([prefix] * len(suffixes), dtype=torch.long), tail["input_ids"]], 1)
+        mask = torch.cat([torch.ones((len(suffixes), len(prefix)), dtype=torch.long), tail["attention_mask"]], 1)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+    def _prefix_kv(self, prefix: list[int], device: torch.device) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
+        return cache
+
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
         if not prompts:
             return []
@@ -216,17 +264,29 @@ class HFBackend:
         eos = self.eos_ids()
         pad = self.pad_id(eos)
         device = next(self.model.parameters()).device
+        p = self.shared_prefix_length(encoded) if self.prefix_cache else 0
+        p = p if p >= self.min_prefix_tokens else 0
+        self.last_prefix_length = p
         results: list[list[Completion] | None] = [None] * len(prompts)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), _seeded(params.seed if params.do_sample else None, device):
+                prefix_kv = self._prefix_kv(encoded[0][:p], device) if p else None
                 for start in range(0, len(order), per_batch):
                     idx = order[start : start + per_batch]
-                    batch = self._left_pad([encoded[i] for i in idx], pad, device)
-                    out = self.model.generate(
-                        **batch, **params.hf_kwargs(), pad_token_id=pad, eos_token_id=eos, use_cache=True
-                    )
+                    kwargs = {**params.hf_kwargs(), "pad_token_id": pad, "eos_token_id": eos, "use_cache": True}
+                    if prefix_kv is None:
+                        batch = self._left_pad([encoded[i] for i in idx], pad, device)
+                    else:
+                        # Rows repeated here (num_return_sequences would not expand the cache), in
+                        # the same interleaved order, so sampling draws the same tokens.
+                        batch = self._prefix_layout(encoded[0][:p], [encoded[i][p:] for i in idx], pad, device)
+                        batch = {n: t.repeat_interleave(k, dim=0) for n, t in batch.items()}
+                        cache = copy.deepcopy(prefix_kv)
+                        cache.batch_repeat_interleave(len(idx) * k)
+                        kwargs.update(num_return_sequences=1, past_key_values=cache)
+                    out = self.model.generate(**batch, **kwargs)
                     new = out[:, batch["input_ids"].shape[1] :].tolist()  # rows grouped per prompt, k each
                     for j, i in enumerate(idx):
                         results[i] = [

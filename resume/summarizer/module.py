@@ -64,6 +64,7 @@ class SummarizerModule(pl.LightningModule):
         name: str = "",
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         reference_model: torch.nn.Module | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         super().__init__()
         if not separator:
@@ -86,7 +87,9 @@ class SummarizerModule(pl.LightningModule):
         self.reference_model = reference_model  # frozen initial policy for the KL term; unused here
         if reference_model is not None:
             reference_model.requires_grad_(False).eval()
-        factory = backend_factory or (lambda m, t: HFBackend(m, t, batch_size=batch_size))
+        factory = backend_factory or (
+            lambda m, t: HFBackend(m, t, batch_size=batch_size, prefix_cache=prefix_cache)
+        )
         self.backend: GenerationBackend = factory(model, tokenizer)
 
     # ------------------------------------------------------------------ generation
@@ -211,6 +214,7 @@ def build_summarizer(
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     backend_factory: BackendFactory | None = None,
     device: str = "auto",
+    prefix_cache: bool = True,
 ) -> SummarizerModule:
     """Build from a hub name or local folder (`model`), or random-initialised from an HF `config` dict.
 
@@ -270,4 +274,5 @@ def build_summarizer(
         separator=separator,
         name=name or default_name,
         optimizer=optimizer,
+        prefix_cache=prefix_cache,
     )
