@@ -14,7 +14,13 @@ the file, and its document is generated again. Any other damage (unparsable line
 field, wrong type) raises `SummaryCacheError` with the file and line: silently skipping it
 would hide corruption and regenerate under the user's feet. A record whose `doc_hash`
 differs from the current document's text is stale (the document changed): it is ignored
-with a warning, so that document is regenerated. One writer per folder at a time.
+with a warning, so that document is regenerated.
+
+Several writers (ranks of a sharded summarization, jobs of an array) share a folder by each
+appending to its own file, `summaries.<shard>.jsonl` (`shard="rank3-of-8"`); readers merge
+`summaries.jsonl` and every shard file. A reader never repairs another writer's file: a last
+line without newline there is a write in flight (or a killed writer's torn line, which that
+shard's next run cuts off) and is left out. One writer per file at a time.
 """
 
 from __future__ import annotations
@@ -93,12 +99,20 @@ class SummaryCache:
         key_parts: Mapping[str, Any],
         label: str = "",
         info: Mapping[str, Any] | None = None,
+        shard: str | None = None,
     ) -> None:
+        if shard is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", shard):
+            raise ValueError(f"summary cache shard name {shard!r} must be letters, digits, '-' or '_'")
         self.key_parts = dict(key_parts)
         self.key = cache_key(self.key_parts)
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[-48:]
-        self.folder = Path(root) / "summaries" / (f"{slug}-{self.key}" if slug else self.key)
-        self.path = self.folder / "summaries.jsonl"
+        # The key alone decides the folder: one written under another label (the same weights loaded
+        # from a hub name in one process and from a checkpoint folder in another) is the same cache.
+        base = Path(root) / "summaries"
+        existing = sorted(base.glob(f"*-{self.key}")) + ([base / self.key] if (base / self.key).is_dir() else [])
+        self.folder = existing[0] if existing else base / (f"{slug}-{self.key}" if slug else self.key)
+        self.shard = shard
+        self.path = self.folder / (f"summaries.{shard}.jsonl" if shard else "summaries.jsonl")  # this writer's file
         self.meta_path = self.folder / "meta.json"
         self.dropped_partial: str | None = None  # the cut-off last line found on open, if any
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -157,27 +171,38 @@ class SummaryCache:
         )
 
     # ------------------------------------------------------------------ read
+    def files(self) -> list[Path]:
+        """Every file of this folder: `summaries.jsonl` first, then the shard files by name."""
+        main = self.folder / "summaries.jsonl"
+        shards = sorted(self.folder.glob("summaries.*.jsonl"))
+        return ([main] if main.is_file() else []) + shards
+
     def records(self) -> Iterable[tuple[int, dict[str, Any]]]:
-        """(line number, record) for every line, validated; raises `SummaryCacheError` on damage."""
-        if not self.path.is_file():
-            return
-        with open(self.path, encoding="utf-8") as f:
+        """(line number, record) for every line of every file, validated; raises `SummaryCacheError`
+        on damage (the message names the file and line)."""
+        for path in self.files():
+            yield from self._file_records(path)
+
+    def _file_records(self, path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+        with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
-                if not line.endswith("\n"):  # appeared after open: another writer is active
-                    raise SummaryCacheError(
-                        f"{self.path}:{lineno}: line without newline; is another run writing?"
+                if not line.endswith("\n"):
+                    if path != self.path:  # another writer's line in flight (or torn): not committed
+                        return
+                    raise SummaryCacheError(  # our own file was repaired on open: someone else writes it
+                        f"{path}:{lineno}: line without newline; is another run writing this file?"
                     )
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise SummaryCacheError(
-                        f"{self.path}:{lineno}: not valid JSON ({e.msg}); the cache is damaged: delete that "
+                        f"{path}:{lineno}: not valid JSON ({e.msg}); the cache is damaged: delete that "
                         f"line (its document is then regenerated) or the folder {self.folder}"
                     ) from e
                 problem = _check_record(rec)
                 if problem:
                     raise SummaryCacheError(
-                        f"{self.path}:{lineno}: {problem}; expected fields {list(FIELDS)}. Delete that line "
+                        f"{path}:{lineno}: {problem}; expected fields {list(FIELDS)}. Delete that line "
                         f"(its document is then regenerated) or the folder {self.folder}"
                     )
                 yield lineno, rec
@@ -201,7 +226,7 @@ class SummaryCache:
             log.warning(
                 "%s: %d cached summaries were made from a different text of their document (changed since): "
                 "%s; those documents will be summarized again",
-                self.path,
+                self.folder,
                 len(stale),
                 examples,
             )

@@ -90,7 +90,9 @@ def make_record(doc_id: str, doc: DocumentLike, completion: Completion, separato
     }
 
 
-def cache_for(summarizer: Any, cache_dir: str | Path, params: GenerationParams) -> SummaryCache:
+def cache_for(
+    summarizer: Any, cache_dir: str | Path, params: GenerationParams, shard: str | None = None
+) -> SummaryCache:
     """The cache folder for this summarizer state (weights, tokenizer, prompt, separator) and `params`."""
     key_parts = {
         "fingerprint": summarizer.fingerprint(),
@@ -99,7 +101,55 @@ def cache_for(summarizer: Any, cache_dir: str | Path, params: GenerationParams) 
         "separator": summarizer.separator,
     }
     info = {"model": summarizer.name, "generation_params": params.describe()}
-    return SummaryCache(cache_dir, key_parts, label=summarizer.name, info=info)
+    return SummaryCache(cache_dir, key_parts, label=summarizer.name, info=info, shard=shard)
+
+
+def _checked(params: GenerationParams, fallback: str, batch_size: int) -> None:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"summaries fallback={fallback!r} must be one of {FALLBACKS}")
+    if batch_size < 1:
+        raise ValueError(f"summarize batch_size ({batch_size}) must be >= 1")
+    if params.num_return_sequences != 1:
+        raise ValueError(f"corpus summaries need num_return_sequences=1, got {params.num_return_sequences}")
+
+
+def _generate_missing(
+    summarizer: Any,
+    docs: Mapping[str, DocumentLike],
+    todo: list[str],
+    cache: SummaryCache,
+    params: GenerationParams,
+    batch_size: int,
+    progress: bool,
+    initial: int,
+    total: int,
+    done: dict[str, dict[str, Any]],
+) -> tuple[int, float]:
+    """Generate `todo` batch by batch, each batch durable in `cache` before the next; (tokens, seconds)."""
+    tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, initial=initial, desc="summarize", unit="doc", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        ids = todo[start : start + batch_size]
+        completions = summarizer.summarize([(docs[d].title, docs[d].text) for d in ids], params)
+        records = [
+            make_record(d, docs[d], c, summarizer.separator) for d, c in zip(ids, completions, strict=True)
+        ]
+        cache.append(records)  # durable before the next batch starts
+        done.update(zip(ids, records))
+        tokens += sum(r["num_generated_tokens"] for r in records)
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        bar.update(len(ids))
+        bar.set_postfix(
+            tok_s=f"{tokens / elapsed:.1f}", sep=f"{np.mean([r['has_separator'] for r in records]):.2f}"
+        )
+    bar.close()
+    return tokens, (time.perf_counter() - t0 if todo else 0.0)
+
+
+def _longest_first(docs: Mapping[str, DocumentLike], ids: Any) -> list[str]:
+    # Similar lengths share a batch (less padding) and an out-of-memory error shows at once.
+    return sorted(ids, key=lambda d: (-len(docs[d].text), d))
 
 
 def summarize_corpus(
@@ -116,47 +166,26 @@ def summarize_corpus(
     `summarizer` is a `SummarizerModule` (or anything with `summarize`, `fingerprint`,
     `prompt`, `separator`, `name`, `corpus_generation`). `batch_size` documents are generated
     and appended per step: the most a kill can lose. `params` defaults to the summarizer's
-    greedy corpus settings.
+    greedy corpus settings. Summaries written by `summarize_shard` (several ranks or jobs)
+    are found here: only what no shard has done is generated.
     """
-    if fallback not in FALLBACKS:
-        raise ValueError(f"summaries fallback={fallback!r} must be one of {FALLBACKS}")
-    if batch_size < 1:
-        raise ValueError(f"summarize batch_size ({batch_size}) must be >= 1")
     params = params or summarizer.corpus_generation
-    if params.num_return_sequences != 1:
-        raise ValueError(f"corpus summaries need num_return_sequences=1, got {params.num_return_sequences}")
+    _checked(params, fallback, batch_size)
     cache = cache_for(summarizer, cache_dir, params)
     hashes = {d: doc_hash(doc.title, doc.text) for d, doc in docs.items()}
     done = {d: r for d, r in cache.done(hashes).items() if d in docs}
-    # Longest first: similar lengths share a batch (less padding) and an OOM shows at once.
-    todo = sorted((d for d in docs if d not in done), key=lambda d: -len(docs[d].text))
+    todo = _longest_first(docs, (d for d in docs if d not in done))
     log.info(
         "summaries: %d of %d documents cached in %s, %d to generate",
         len(done),
         len(docs),
-        cache.path,
+        cache.folder,
         len(todo),
     )
     n_cached = len(done)
-    tokens = 0
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(docs), initial=n_cached, desc="summarize", unit="doc", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        ids = todo[start : start + batch_size]
-        completions = summarizer.summarize([(docs[d].title, docs[d].text) for d in ids], params)
-        records = [
-            make_record(d, docs[d], c, summarizer.separator) for d, c in zip(ids, completions, strict=True)
-        ]
-        cache.append(records)  # durable before the next batch starts
-        done.update(zip(ids, records))
-        tokens += sum(r["num_generated_tokens"] for r in records)
-        elapsed = max(time.perf_counter() - t0, 1e-9)
-        bar.update(len(ids))
-        bar.set_postfix(
-            tok_s=f"{tokens / elapsed:.1f}", sep=f"{np.mean([r['has_separator'] for r in records]):.2f}"
-        )
-    bar.close()
-    seconds = time.perf_counter() - t0 if todo else 0.0
+    tokens, seconds = _generate_missing(
+        summarizer, docs, todo, cache, params, batch_size, progress, n_cached, len(docs), done
+    )
     texts, fallback_ids = {}, []
     for d, doc in docs.items():
         rec = done[d]
@@ -183,6 +212,61 @@ def summarize_corpus(
         seconds=seconds,
         cache_path=cache.path,
     )
+
+
+def shard_of(doc_ids: list[str], rank: int, world_size: int) -> list[str]:
+    """Rank `rank`'s share of `doc_ids` (already longest first): round robin, so every rank gets
+    documents of every length and the ranks finish together."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard rank {rank} of world size {world_size}: need 0 <= rank < world_size")
+    return doc_ids[rank::world_size]
+
+
+def summarize_shard(
+    summarizer: Any,
+    docs: Mapping[str, DocumentLike],
+    cache_dir: str | Path,
+    rank: int,
+    world_size: int,
+    batch_size: int = 64,
+    progress: bool = True,
+    params: GenerationParams | None = None,
+) -> dict[str, Any]:
+    """Generate rank `rank`'s share of the corpus into the shared cache, in its own shard file.
+
+    The share is a fixed function of the corpus (every rank computes the same split), so
+    ranks need no communication, a killed rank reruns only what its file lacks, and the
+    merged cache is what one process would have written (same greedy completions).
+    Documents any file already holds are skipped. Returns this shard's counts.
+    """
+    params = params or summarizer.corpus_generation
+    _checked(params, "completion", batch_size)
+    cache = cache_for(summarizer, cache_dir, params, shard=f"rank{rank}-of-{world_size}")
+    hashes = {d: doc_hash(doc.title, doc.text) for d, doc in docs.items()}
+    mine = shard_of(_longest_first(docs, docs), rank, world_size)
+    done = {d: r for d, r in cache.done(hashes).items() if d in docs}
+    todo = [d for d in mine if d not in done]
+    log.info(
+        "summaries shard %d/%d: %d documents, %d cached, %d to generate into %s",
+        rank,
+        world_size,
+        len(mine),
+        len(mine) - len(todo),
+        len(todo),
+        cache.path,
+    )
+    tokens, seconds = _generate_missing(
+        summarizer, docs, todo, cache, params, batch_size, progress, len(mine) - len(todo), len(mine), done
+    )
+    return {
+        "rank": rank,
+        "world_size": world_size,
+        "n_docs": len(mine),
+        "n_generated": len(todo),
+        "generated_tokens": tokens,
+        "seconds": seconds,
+        "cache": str(cache.path),
+    }
 
 
 def summary_stats(result: SummaryResult, count_tokens: Callable[[str], int]) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +43,16 @@ def write_toy(
     train_fraction: float = 0.75,
     seed: int = 0,
 ) -> Path:
-    """Write corpus.jsonl, queries.jsonl, qrels/{train,test}.tsv into `folder` (atomically per file)."""
+    """Write corpus.jsonl, queries.jsonl, qrels/{train,test}.tsv into `folder`, atomically as a whole.
+
+    The files are written into a private sibling folder that is then renamed into place, so a
+    concurrent reader (another rank or job) never sees a half-written dataset; when two
+    processes race, the first rename wins and the other's identical copy is discarded.
+    """
     folder = Path(folder)
-    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    (staging / "qrels").mkdir()
     rng = np.random.default_rng(seed)
     vocab = lexicon(seed)
     used: set[str] = set()
@@ -72,7 +81,11 @@ def write_toy(
         "qrels/test.tsv": "query-id\tcorpus-id\tscore\n" + "".join(f"{qrels[i][0]}\t{qrels[i][1]}\t1\n" for i in order[n_train:]),
     }
     for rel, content in files.items():
-        tmp = folder / f"{rel}.tmp"
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, folder / rel)
+        (staging / rel).write_text(content, encoding="utf-8")
+    try:
+        os.rename(staging, folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "corpus.jsonl").is_file():
+            raise
     return folder
