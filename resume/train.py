@@ -11,6 +11,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,7 +44,8 @@ def close_loggers(loggers: list[Any], status: str) -> None:
 def _check_run_folder(out: Path, resolved: str) -> None:
     """Refuse to mix two different configs in one run folder (nothing computed is overwritten)."""
     prev = out / "config_resolved.yaml"
-    if prev.exists() and prev.read_text() != resolved:
+    # Compared as data, not text: the same settings written in another key order are the same run.
+    if prev.exists() and yaml.safe_load(prev.read_text()) != yaml.safe_load(resolved):
         raise RuntimeError(
             f"{out} already holds a run with a different configuration ({prev}); rerun with the same "
             f"overrides to resume it, or add tag=<label> (or hydra.run.dir=...) to start a separate run"

@@ -36,7 +36,7 @@ def _flat(cfg) -> dict[str, object]:
 def test_every_experiment_and_ablation_composes(compose_in_tmp, experiment, ablation):
     cfg = compose_in_tmp([f"experiment={experiment}", f"ablation={ablation}", "debug=smoke"])
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    assert cfg.experiment_name == experiment
+    assert cfg.experiment_name == experiment.removeprefix("paper_")
     assert cfg.ablation_name == ablation
 
 
@@ -103,13 +103,44 @@ def test_notebooks_have_outputs_stripped():
 
 
 @pytest.mark.real
-def test_default_budget_builds_its_data_and_reward(compose_in_tmp):
-    """The embedded default's budget is consistent: its SciFact subset loads and its reward
-    (negatives pool, rewardable documents) validates. Caught two budget errors before a long run."""
-    cfg = compose_in_tmp(["retriever=tiny"])  # the default run, with a stand-in retriever
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_default_budget_builds_its_data_and_reward(compose_in_tmp, ablation):
+    """The embedded default's budget is consistent under every ablation: its SciFact subset loads
+    and its reward (negatives pool, rewardable documents) validates. Caught two budget errors, and
+    a budget overriding no_negatives' n_negatives=0, before a long run."""
+    cfg = compose_in_tmp(["retriever=tiny", f"ablation={ablation}"])  # the default run, stand-in retriever
     data = instantiate(cfg.data)
     assert len(data.corpus) == cfg.data.max_docs
     train = data.split("train")
     reward = instantiate(cfg.reward)(retriever=instantiate(cfg.retriever), doc_texts={d: doc.full_text for d, doc in data.corpus.items()},
                                      queries=train.queries, qrels=train.qrels)
     assert len(reward.rewardable_doc_ids()) >= cfg.grpo.config.prompts_per_step
+
+
+BUDGETS = sorted(p.stem for p in (CONFIG_DIR / "budget").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("ablation", [a for a in ABLATIONS if a != "none"])
+def test_no_budget_overrides_an_ablation(compose_in_tmp, budget, ablation):
+    """Every key an ablation file sets keeps the ablation's value whatever the budget."""
+    own = _flat(OmegaConf.load(CONFIG_DIR / "ablation" / f"{ablation}.yaml"))
+    cfg = _flat(compose_in_tmp([f"ablation={ablation}", f"budget={budget}"]))
+    assert {k: cfg[k] for k in own} == own
+
+
+PAPER = [e for e in EXPERIMENTS if e.startswith("paper_")]
+
+
+@pytest.mark.parametrize("experiment", PAPER)
+def test_paper_presets_hold_the_papers_settings(compose_in_tmp, experiment):
+    cfg = compose_in_tmp([f"experiment={experiment}"])
+    assert cfg.experiment_name == experiment.removeprefix("paper_")
+    assert (cfg.data.name, cfg.data.eval_split, cfg.data.max_docs, cfg.data.max_queries) == ("msmarco", "dev", None, None)
+    assert (cfg.summarizer.model, cfg.retriever.model) == ("Qwen/Qwen3-4B-Thinking-2507", "facebook/contriever")
+    g = cfg.grpo
+    assert (g.config.steps, g.config.prompts_per_step, g.optimizer.lr) == (200, 128, 3e-7)
+    assert cfg.adaptation.lr == 1e-5 and cfg.budget.name == "full" and cfg.run_name.endswith("-paper")
+    base = _flat(compose_in_tmp([f"experiment={experiment.removeprefix('paper_')}", "data=msmarco"]))
+    flat = _flat(cfg)
+    assert {k: flat[k] for k in ("loop.max_iterations", "corpus_view")} == {k: base[k] for k in ("loop.max_iterations", "corpus_view")}

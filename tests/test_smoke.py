@@ -67,3 +67,25 @@ def test_standalone_experiments_run(compose_in_tmp, tmp_path, experiment, phases
     last = results["summaries"][max(results["summaries"])]
     assert last["n_generated"] + last["cache_hits"] == last["n_docs"]
     assert f"summarize/{max(results['summaries'])}" in results["seconds"]
+
+
+def test_paper_preset_runs_offline_on_a_tiny_msmarco_format_copy(compose_in_tmp, tmp_path):
+    """experiment=paper_iterative end to end (the paper's grpo/adaptation settings, bf16-mixed) on a
+    tiny BEIR folder laid out as MS MARCO's (train + dev qrels), models swapped for tiny ones."""
+    from resume.data.toy import write_toy
+
+    folder = write_toy(tmp_path / "msmarco", seed=3)
+    (folder / "qrels" / "test.tsv").rename(folder / "qrels" / "dev.tsv")
+    results = run(compose_in_tmp([
+        "experiment=paper_iterative", f"data.path={folder}", "summarizer=tiny", "retriever=tiny",
+        "budget.max_iterations=1", "grpo.config.steps=1", "grpo.config.prompts_per_step=2",
+        "grpo.config.num_generations=2", "grpo.config.mini_batch_size=2", "grpo.config.val_every=0",
+        "grpo.config.max_new_tokens=8", "grpo.config.log_completions_every=0", "reward.n_negatives=4",
+        "adaptation.batch_size=4", "logger=none",
+    ]))
+    assert results["data"]["name"] == "msmarco"
+    assert [(r["row"], r["split"]) for r in results["rows"]] == [
+        ("baseline", "dev"), ("fixed_summary", "dev"), ("non_iterative", "dev"), ("iterative", "dev")]
+    cfg = (tmp_path / "out" / "config_resolved.yaml").read_text()
+    assert "precision: bf16-mixed" in cfg and "lr: 3.0e-07" in cfg
+    assert sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json")) == ["iter1-adapt", "iter1-grpo"]
