@@ -115,3 +115,31 @@ def test_extra_negatives_warmup_step_cap_and_checkpoint(compose_in_tmp, tmp_path
         adapt(retriever, [])
     with pytest.raises(ValueError, match="no trainable parameter"):
         adapt(retriever.requires_grad_(False), pairs)
+
+
+def test_ddp_on_cpu_two_ranks_split_the_batches_and_stay_in_sync(compose_in_tmp, tmp_path: Path):
+    """adaptation.trainer_kwargs {strategy: ddp, devices: 2} on CPU (gloo): each rank trains on its own
+    batches (together: every pair once per epoch, no pair twice) and ends with identical weights."""
+    import hashlib
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cfg = _compose(compose_in_tmp, 0)
+    start = instantiate(cfg.retriever).save_pretrained(tmp_path / "start")  # one tokenizer for both ranks
+    data_dir = write_toy(tmp_path / "toy", seed=0)
+    helper = Path(__file__).parent / "helpers" / "ddp_adapt.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, str(helper), str(start), str(data_dir), str(tmp_path / "out"), "2"],
+                          check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    seen = [q for r in ranks for b in r["batches"] for q in b]
+    assert len(seen) == ranks[0]["pairs"] == 24 and len(set(seen)) == 24  # every pair once, across ranks
+    assert ranks[0]["batches"] and ranks[1]["batches"]
+    assert not {q for b in ranks[0]["batches"] for q in b} & {q for b in ranks[1]["batches"] for q in b}
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # gradients all-reduced: the replicas agree
+    first = build_retriever(model=str(start), device="cpu")
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in first.parameters())).hexdigest()
+    assert digest != ranks[0]["weights"]  # and they trained
