@@ -144,3 +144,14 @@ def test_paper_presets_hold_the_papers_settings(compose_in_tmp, experiment):
     base = _flat(compose_in_tmp([f"experiment={experiment.removeprefix('paper_')}", "data=msmarco"]))
     flat = _flat(cfg)
     assert {k: flat[k] for k in ("loop.max_iterations", "corpus_view")} == {k: base[k] for k in ("loop.max_iterations", "corpus_view")}
+
+
+def test_slurm_launcher_preset_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[cluster]'")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.max_num_timeout) == (1, 1, 3)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import compose_cfg
 
 from resume.train import run
@@ -58,10 +59,15 @@ def test_killed_run_resumes_with_same_metrics(tmp_path):
     assert record["seconds"] > 0 and Path(record["summarizer"]).is_dir()
 
 
-def test_sweep_survives_a_failing_job(tmp_path):
-    """data.max_docs=5 cannot hold the relevant documents: that job fails, the other still runs."""
+@pytest.mark.parametrize("launcher", ["basic", "local_procs"])
+def test_sweep_survives_a_failing_job(tmp_path, launcher):
+    """data.max_docs=5 cannot hold the relevant documents: that job fails, the other still runs. Also
+    through the submitit launcher (conf/hydra/launcher/local_procs.yaml, the Slurm launcher's code path):
+    every job in its own process."""
+    if launcher != "basic":
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[cluster]'")
     sweep = tmp_path / "sweep"
-    cmd = _cli(["-m", *OVERRIDES, "experiment=baseline", "data.max_docs=5,null", f"hydra.sweep.dir={sweep}",
+    cmd = _cli(["-m", *OVERRIDES, f"hydra/launcher={launcher}", "experiment=baseline", "data.max_docs=5,null", f"hydra.sweep.dir={sweep}",
                 "hydra.sweep.subdir=job${hydra.job.num}", f"paths.cache_dir={tmp_path / 'cache'}"])
     out = subprocess.run(cmd, check=False, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
