@@ -1,0 +1,149 @@
+"""GRPO step time: our `run_grpo` vs TRL's `GRPOTrainer` on the same model, prompts and settings.
+
+Same process, same rendered prompts, same reward function (a cheap text score, so the bench
+times the step machinery: rollout generation, log-probs, backward, optimizer step), same
+batch (prompts x k completions), completion budget, loss (dapo), beta 0 and learning rate.
+Prints seconds per step (median over the steps after the first) and the ratio to TRL.
+Runs with HF_HUB_OFFLINE=1 unless set otherwise: online, TRL 1.16 spent ~20 s per step on hub
+requests that time out on a machine without the hub (measured), which is not step machinery.
+
+    python experiments/bench/grpo_step.py --summarizer tiny --steps 4            # seconds, any machine
+    python experiments/bench/grpo_step.py --summarizer smollm2 --steps 3         # SmolLM2-135M
+    python experiments/bench/grpo_step.py --random-qwen3-4b --prompts 16 --k 8   # GPU, paper size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from resume.data.beir import Document
+from resume.summarizer.rl import GRPOConfig, run_grpo
+from resume.utils.config import CONFIG_DIR
+
+SCIFACT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scifact" / "corpus.jsonl"
+
+
+def text_score(text: str) -> float:
+    """Distinct words over 64, capped at 1: cheap, deterministic, varied within a group."""
+    return min(1.0, len(set(text.split())) / 64)
+
+
+@dataclass
+class _Scores:
+    total: torch.Tensor
+
+    def log_dict(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/reward_mean": float(self.total.mean())}
+
+
+class BenchReward:
+    def compute(self, texts: list[str], group_ids: list[str]) -> _Scores:
+        return _Scores(torch.tensor([text_score(t) for t in texts]))
+
+
+def _docs(n: int) -> dict[str, Document]:
+    if SCIFACT.is_file():
+        rows = [json.loads(line) for _, line in zip(range(n), SCIFACT.open())]
+        return {str(r["_id"]): Document(title=r["title"], text=r["text"]) for r in rows}
+    return {f"d{i}": Document(title=f"doc {i}", text=" ".join(f"w{(i * 7 + j) % 300}" for j in range(150))) for i in range(n)}
+
+
+def _summarizer(args: argparse.Namespace):
+    cfg = OmegaConf.load(CONFIG_DIR / "summarizer" / f"{args.summarizer}.yaml")
+    cfg.seed = 0
+    cfg.prompt.max_doc_tokens = args.max_doc_tokens
+    if args.random_qwen3_4b:  # Qwen3-4B's shape at random weights, with the hub-free tiny tokenizer
+        cfg.model, cfg.dtype = None, "fp32"
+        cfg.config = {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                      "max_position_embeddings": 40960, "tie_word_embeddings": True}
+    return instantiate(cfg)
+
+
+def bench_ours(args, docs) -> list[float]:
+    summarizer = _summarizer(args)
+    config = GRPOConfig(steps=args.steps, num_generations=args.k, prompts_per_step=args.prompts, loss_type="dapo",
+                        beta=0.0, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                        val_every=0, log_completions_every=0, checkpoint_every=0, mini_batch_size=args.mini_batch)
+    precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    with tempfile.TemporaryDirectory() as out:
+        run_grpo(summarizer, BenchReward(), docs, list(docs), out_dir=out, config=config,
+                 optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0),
+                 trainer_kwargs={"precision": precision})
+        history = [json.loads(line) for line in (Path(out) / "grpo_history.jsonl").read_text().splitlines()]
+    return [h["time/step"] for h in history if "time/step" in h]
+
+
+def bench_trl(args, docs) -> list[float]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    summarizer = _summarizer(args)  # TRL loads the same weights from a folder
+    folder = Path(tempfile.mkdtemp(prefix="resume-bench-trl-"))
+    summarizer.model.save_pretrained(folder)
+    summarizer.tokenizer.save_pretrained(folder)
+    prompts = summarizer.prompts_for([(d.title, d.text) for d in docs.values()])
+    times: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    cuda = torch.cuda.is_available()
+    cfg = TRLConfig(output_dir=str(folder / "out"), per_device_train_batch_size=args.prompts * args.k,
+                    num_generations=args.k, max_completion_length=args.max_new_tokens, max_steps=args.steps,
+                    learning_rate=1e-6, weight_decay=0.0, beta=0.0, loss_type="dapo", temperature=1.0, top_p=1.0,
+                    top_k=0, bf16=cuda, use_cpu=not cuda, report_to=[], save_strategy="no", logging_steps=1,
+                    gradient_checkpointing=False, lr_scheduler_type="constant", max_grad_norm=1.0,
+                    gradient_accumulation_steps=1, seed=0)
+    trainer = GRPOTrainer(model=str(folder), args=cfg, processing_class=summarizer.tokenizer,
+                          reward_funcs=lambda completions, **kw: [text_score(c) for c in completions],
+                          train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[StepTimes()])
+    trainer.train()
+    return times
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--summarizer", default="tiny", help="a conf/summarizer/ file")
+    ap.add_argument("--random-qwen3-4b", action="store_true")
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-doc-tokens", type=int, default=128)
+    ap.add_argument("--mini-batch", type=int, default=None)
+    args = ap.parse_args()
+    docs = _docs(args.prompts * args.steps)
+    trl_times = bench_trl(args, docs)
+    our_times = bench_ours(args, docs)
+    med = {name: statistics.median(t[1:] or t) for name, t in (("trl", trl_times), ("ours", our_times))}
+    print(f"device={'cuda' if torch.cuda.is_available() else 'cpu'} summarizer="
+          f"{'random qwen3-4b' if args.random_qwen3_4b else args.summarizer} prompts={args.prompts} k={args.k} "
+          f"max_new_tokens={args.max_new_tokens} steps={args.steps} threads={torch.get_num_threads()}")
+    print("| run | s/step (median, first step excluded) | ratio vs TRL (lower is faster) |")
+    print("|---|---|---|")
+    print(f"| TRL GRPOTrainer (reference) | {med['trl']:.2f} | 1.00 |")
+    print(f"| resume run_grpo | {med['ours']:.2f} | {med['ours'] / med['trl']:.2f} |")
+    print(f"per-step seconds: trl {[round(t, 2) for t in trl_times]}, ours {[round(t, 2) for t in our_times]}")
+
+
+if __name__ == "__main__":
+    main()
