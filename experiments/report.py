@@ -5,7 +5,7 @@
 Each table cell is the mean over seeds (± sample std when there are several). Significance
 is a paired two-sided randomisation test (sign flipping, 10,000 draws, fixed seed) of
 per-query nDCG@10 against the baseline row on the same data and split, per-query values
-averaged over the seeds both rows share. Every table names the corpus it indexed and its
+averaged over the seeds both rows share; Table 3 compares each ablation with the full model. Every table names the corpus it indexed and its
 size, the query count and the models.
 """
 
@@ -93,23 +93,27 @@ def cell(entries: list[dict[str, Any]], metric: str) -> tuple[str, float]:
     return text, mean
 
 
-def significance(groups, data: str, split: str, row: str, ablation: str, metric: str = "ndcg@10") -> str:
-    base = groups.get((data, split, "baseline", "none")) or groups.get((data, split, "baseline", ablation))
+def significance(groups, data: str, split: str, row: str, ablation: str, ref: tuple[str, str], metric: str = "ndcg@10") -> str:
+    """Mean per-query difference in `metric` of (row, ablation) against the reference (row, ablation),
+    with the paired randomisation p-value, over the queries and seeds both share."""
+    base = groups.get((data, split, *ref))
     mine = groups.get((data, split, row, ablation))
-    if row == "baseline" or not base or not mine:
+    if (row, ablation) == ref or not base or not mine:
         return ""
     seeds = {e["seed"] for e in base} & {e["seed"] for e in mine}
     a, b = _per_query(mine, metric, seeds), _per_query(base, metric, seeds)
     common = sorted(set(a) & set(b))
     if not common:
         return "n/a"
-    p = paired_randomization(np.array([a[q] for q in common]), np.array([b[q] for q in common]))
-    return f"p={p:.3g}" + ("*" if p < 0.05 else "")
+    x, y = np.array([a[q] for q in common]), np.array([b[q] for q in common])
+    p = paired_randomization(x, y)
+    return f"{(x - y).mean():+.4f} (p={p:.3g}{'*' if p < 0.05 else ''})"
 
 
-def table(groups, data: str, split: str, rows: list[tuple[str, str, str]], metrics: list[str], title: str) -> tuple[str, list[list[str]]]:
-    """rows: (label, row name, ablation)."""
-    header = ["run", *metrics, "Δ nDCG@10 vs baseline (paired)", "seeds", "corpus indexed", "queries"]
+def table(groups, data: str, split: str, rows: list[tuple[str, str, str]], metrics: list[str], title: str,
+          ref: tuple[str, str] = ("baseline", "none"), ref_label: str = "baseline") -> tuple[str, list[list[str]]]:
+    """rows: (label, row name, ablation); the significance column compares each row with `ref`."""
+    header = ["run", *metrics, f"Δ nDCG@10 vs {ref_label} (paired)", "seeds", "corpus indexed", "queries"]
     md = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out = [header]
     for label, row, ablation in rows:
@@ -118,7 +122,7 @@ def table(groups, data: str, split: str, rows: list[tuple[str, str, str]], metri
             continue
         cells = [cell(entries, m)[0] for m in metrics]
         corpus = entries[0]["corpus"]
-        line = [label, *cells, significance(groups, data, split, row, ablation), str(len(entries)),
+        line = [label, *cells, significance(groups, data, split, row, ablation, ref), str(len(entries)),
                 f"{corpus['name']} ({corpus['size']} docs)", str(entries[0]["num_queries"])]
         md.append("| " + " | ".join(line) + " |")
         out.append(line)
@@ -144,7 +148,7 @@ def plot_iterations(groups, out: Path) -> list[Path]:
     written = []
     panels = [("reward", lambda it: it.get("grpo", {}).get("reward_mean")),
               ("dev MRR@10", lambda it: it.get("dev", {}).get("mrr@10")),
-              ("summary length (retriever tokens)", lambda it: it.get("summaries", {}).get("length_mean")),
+              ("summary length (retriever tokens)", lambda it: it.get("summaries", {}).get("summary_tokens_mean")),
               ("separator failure rate", lambda it: it.get("summaries", {}).get("separator_failure_rate"))]
     for (data, split, row, ablation), entries in groups.items():
         if row != "iterative" or split != eval_split_of(groups, data):
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         t1, c1 = table(groups, data, split, [(r, r, "none") for r in PAPER_ROWS], metrics,
                        f"{main_name.replace('table', 'Table ')} – {data} ({split})")
         t3, c3 = table(groups, data, split, [(ABLATION_LABELS[a], "iterative", a) for a in ABLATIONS], ["ndcg@10"],
-                       f"Table 3 – ablations – {data} ({split})")
+                       f"Table 3 – ablations – {data} ({split})", ref=("iterative", "none"), ref_label="full model")
         sections += [t1, t3]
         for name, rows in ((main_name, c1), ("table3", c3)):
             with (out / f"{name}_{data}.csv").open("w", newline="") as f:

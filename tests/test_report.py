@@ -1,0 +1,73 @@
+"""experiments/report.py on hand-made run folders: cells, spread, paired differences, p-values, files."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import report  # noqa: E402
+
+QUERIES = ["q1", "q2", "q3", "q4", "q5"]
+
+
+def _run(root: Path, ablation: str, seed: int, rows: dict[str, list[float]]) -> None:
+    """A finished run folder: one test row per entry, per-query nDCG@10 as given."""
+    folder = root / f"scifact-iterative-{ablation}-s{seed}"
+    (folder / "runs").mkdir(parents=True)
+    out = []
+    for row, values in rows.items():
+        pq = folder / "runs" / f"test-{row}.per_query.json"
+        pq.write_text(json.dumps({q: {"ndcg@10": v} for q, v in zip(QUERIES, values)}))
+        m = float(np.mean(values))
+        out.append({"row": row, "split": "test", "per_query_file": str(pq), "num_queries": len(values),
+                    "corpus": {"name": "scifact", "size": 32},
+                    "metrics": {"mrr@10": m, "ndcg@10": m, "recall@100": 1.0, "recall@1000": 1.0}})
+    iterations = [{"iteration": t, "grpo": {"reward_mean": 0.1 * t}, "dev": {"mrr@10": 0.5},
+                   "summaries": {"summary_tokens_mean": 40.0 + t, "separator_failure_rate": 0.0}} for t in (1, 2)]
+    (folder / "results.json").write_text(json.dumps({
+        "data": {"name": "scifact"}, "ablation": ablation, "seed": seed, "budget": "test budget", "rows": out,
+        "retriever": {"name": "r"}, "summarizer": {"name": "s"}, "iterations": iterations}))
+
+
+def exact_p(d: np.ndarray) -> float:
+    """Two-sided sign-flip p-value by full enumeration."""
+    null = [abs(np.mean(np.array(s) * d)) for s in itertools.product([-1, 1], repeat=len(d))]
+    return float(np.mean([n >= abs(d.mean()) - 1e-12 for n in null]))
+
+
+def test_tables_cells_spread_and_paired_tests(tmp_path, capsys):
+    base = [0.2, 0.4, 0.6, 0.8, 1.0]
+    full = {0: [0.5, 0.6, 0.7, 0.9, 1.0], 1: [0.4, 0.6, 0.9, 0.9, 1.0]}
+    for seed in (0, 1):
+        _run(tmp_path, "none", seed, {"baseline": base, "iterative": full[seed]})
+        _run(tmp_path, "no_adaptation", seed, {"iterative": base[::-1]})
+    report.main([str(tmp_path), "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "tables.md").read_text()
+    t1 = [line for line in md.splitlines() if line.startswith("| iterative ")][0].split(" | ")
+    means = [np.mean(full[s]) for s in (0, 1)]
+    assert t1[2] == f"{np.mean(means):.4f} ± {np.std(means, ddof=1):.4f}"  # nDCG@10 over the seeds
+    d = np.mean([full[0], full[1]], axis=0) - np.array(base)  # per-query, averaged over shared seeds
+    delta, p = t1[5].split(" (p=")
+    assert float(delta) == pytest.approx(d.mean(), abs=1e-4)
+    assert float(p.rstrip("*)")) == pytest.approx(exact_p(d), abs=0.02)
+    t3 = [line for line in md.splitlines() if line.startswith("| w/o retrieval adaptation")][0].split(" | ")
+    d3 = np.array(base[::-1]) - np.mean([full[0], full[1]], axis=0)  # Table 3: against the full model
+    assert float(t3[2].split(" (p=")[0]) == pytest.approx(d3.mean(), abs=1e-4)
+    assert "Δ nDCG@10 vs full model" in md and "Δ nDCG@10 vs baseline" in md
+    assert "budget: test budget" in md and (tmp_path / "rep" / "table3_scifact.csv").is_file()
+    assert (tmp_path / "rep" / "iterations_scifact_none.png").is_file()
+    assert "w/o negative queries" not in md  # rows without runs are left out, not invented
+
+
+def test_paired_randomization_matches_enumeration():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = rng.random(8), rng.random(8)
+        assert report.paired_randomization(a, b) == pytest.approx(exact_p(a - b), abs=0.02)
+    assert report.paired_randomization(np.ones(4), np.ones(4)) == 1.0
