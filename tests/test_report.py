@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import report  # noqa: E402
+import report
 
 QUERIES = ["q1", "q2", "q3", "q4", "q5"]
 
@@ -49,14 +49,14 @@ def test_tables_cells_spread_and_paired_tests(tmp_path, capsys):
         _run(tmp_path, "no_adaptation", seed, {"iterative": base[::-1]})
     report.main([str(tmp_path), "--out", str(tmp_path / "rep")])
     md = (tmp_path / "rep" / "tables.md").read_text()
-    t1 = [line for line in md.splitlines() if line.startswith("| iterative ")][0].split(" | ")
+    t1 = next(line for line in md.splitlines() if line.startswith("| iterative ")).split(" | ")
     means = [np.mean(full[s]) for s in (0, 1)]
     assert t1[2] == f"{np.mean(means):.4f} ± {np.std(means, ddof=1):.4f}"  # nDCG@10 over the seeds
     d = np.mean([full[0], full[1]], axis=0) - np.array(base)  # per-query, averaged over shared seeds
     delta, p = t1[5].split(" (p=")
     assert float(delta) == pytest.approx(d.mean(), abs=1e-4)
     assert float(p.rstrip("*)")) == pytest.approx(exact_p(d), abs=0.02)
-    t3 = [line for line in md.splitlines() if line.startswith("| w/o retrieval adaptation")][0].split(" | ")
+    t3 = next(line for line in md.splitlines() if line.startswith("| w/o retrieval adaptation")).split(" | ")
     d3 = np.array(base[::-1]) - np.mean([full[0], full[1]], axis=0)  # Table 3: against the full model
     assert float(t3[2].split(" (p=")[0]) == pytest.approx(d3.mean(), abs=1e-4)
     assert "Δ nDCG@10 vs full model" in md and "Δ nDCG@10 vs baseline" in md
