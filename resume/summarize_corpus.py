@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import hydra
@@ -31,12 +32,15 @@ from resume.utils.io import atomic_write_json
 log = logging.getLogger("resume")
 
 
-def _init_distributed(world_size: int) -> bool:
-    """Join torchrun's process group when there is one (used only for the final barrier)."""
+def _init_distributed(world_size: int, wait_minutes: float) -> bool:
+    """Join torchrun's process group when there is one (used only for the final barrier, whose
+    timeout is `shard.wait_minutes`: ranks may finish their shares minutes apart)."""
     if world_size <= 1 or "MASTER_ADDR" not in os.environ or not torch.distributed.is_available():
         return False
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=wait_minutes)
+        )
     return True
 
 
@@ -47,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     rank, world, local = int(cfg.shard.rank), int(cfg.shard.world_size), int(cfg.shard.local_rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(local % torch.cuda.device_count())
-    distributed = _init_distributed(world)
+    distributed = _init_distributed(world, float(cfg.shard.wait_minutes))
     data = instantiate(cfg.data)
     summarizer = instantiate(cfg.summarizer)
     docs = data.corpus
