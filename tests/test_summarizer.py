@@ -228,3 +228,27 @@ def test_shared_prefix_cache_gives_the_same_completions_for_fewer_forwarded_toke
         hook.remove()
     assert HFBackend.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps one own token
     assert HFBackend.shared_prefix_length([[1, 2, 3], [4, 2, 3]]) == 0
+
+
+def test_generate_kwargs_reach_generate_and_a_static_cache_gives_the_same_tokens(summarizer):
+    prompts = summarizer.prompts_for(make_docs(4))
+    plain = HFBackend(summarizer.model, summarizer.tokenizer, batch_size=4).generate(prompts, summarizer.corpus_generation)
+    static = HFBackend(summarizer.model, summarizer.tokenizer, batch_size=4,
+                       generate_kwargs={"cache_implementation": "static"})
+    assert not static.prefix_cache  # a cache implementation replaces the shared-prefix cache
+    seen = []
+    original = summarizer.model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cache_implementation"))
+        return original(*args, **kwargs)
+
+    summarizer.model.generate = spy
+    try:
+        out = static.generate(prompts, summarizer.corpus_generation)
+    finally:
+        del summarizer.model.generate
+    assert seen and set(seen) == {"static"}
+    assert [g[0].token_ids for g in out] == [g[0].token_ids for g in plain]
+    with pytest.raises(ValueError, match="decoding settings belong"):
+        HFBackend(summarizer.model, summarizer.tokenizer, generate_kwargs={"temperature": 0.5})

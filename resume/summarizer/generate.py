@@ -131,6 +131,13 @@ class GenerationBackend(Protocol):
         ...
 
 
+# `generate` arguments a backend or GenerationParams sets; generate_kwargs may not.
+_OWNED_GENERATE_KEYS = (
+    "do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "num_return_sequences", "num_beams",
+    "pad_token_id", "eos_token_id", "use_cache", "past_key_values", "input_ids", "attention_mask",
+)
+
+
 @contextlib.contextmanager
 def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Seed the RNGs for one call without disturbing the caller's RNG streams."""
@@ -164,6 +171,11 @@ class HFBackend:
       same (up to float rounding: the shared prefix is computed at batch size 1). On 2 CPU
       cores it cut SmolLM2's prefill of 8 SciFact prompts from 15.4 s to 4.1 s + 1.4 s
       once. It engages when the common prefix has at least `min_prefix_tokens` tokens.
+    - `generate_kwargs` go to every `model.generate` call, e.g. `{cache_implementation: static}`
+      (a preallocated KV cache, what `torch.compile`d decoding on a GPU needs). A cache
+      implementation replaces the shared-prefix cache for that backend (they cannot be combined:
+      the prefix cache is a dynamic cache handed to `generate`). Decoding settings are not
+      accepted here: they belong to `GenerationParams`.
     """
 
     def __init__(
@@ -173,6 +185,7 @@ class HFBackend:
         batch_size: int = 8,
         prefix_cache: bool = True,
         min_prefix_tokens: int = 32,
+        generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"summarizer.batch_size ({batch_size}) must be >= 1")
@@ -181,7 +194,14 @@ class HFBackend:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.prefix_cache = prefix_cache
+        self.generate_kwargs = dict(generate_kwargs or {})
+        owned = sorted(set(self.generate_kwargs) & set(_OWNED_GENERATE_KEYS))
+        if owned:
+            raise ValueError(
+                f"summarizer.generate_kwargs sets {owned}: decoding settings belong in corpus_generation / "
+                "rollout_generation, ids and caches are set by the backend"
+            )
+        self.prefix_cache = prefix_cache and "cache_implementation" not in self.generate_kwargs
         self.min_prefix_tokens = min_prefix_tokens
         self.last_prefix_length = 0  # tokens served from the shared-prefix cache in the last call
 
@@ -275,7 +295,8 @@ class HFBackend:
                 prefix_kv = self._prefix_kv(encoded[0][:p], device) if p else None
                 for start in range(0, len(order), per_batch):
                     idx = order[start : start + per_batch]
-                    kwargs = {**params.hf_kwargs(), "pad_token_id": pad, "eos_token_id": eos, "use_cache": True}
+                    kwargs = {**self.generate_kwargs, **params.hf_kwargs(), "pad_token_id": pad,
+                              "eos_token_id": eos, "use_cache": True}
                     if prefix_kv is None:
                         batch = self._left_pad([encoded[i] for i in idx], pad, device)
                     else:

@@ -65,6 +65,7 @@ class SummarizerModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         reference_model: torch.nn.Module | None = None,
         prefix_cache: bool = True,
+        generate_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not separator:
@@ -88,7 +89,9 @@ class SummarizerModule(pl.LightningModule):
         if reference_model is not None:
             reference_model.requires_grad_(False).eval()
         factory = backend_factory or (
-            lambda m, t: HFBackend(m, t, batch_size=batch_size, prefix_cache=prefix_cache)
+            lambda m, t: HFBackend(
+                m, t, batch_size=batch_size, prefix_cache=prefix_cache, generate_kwargs=dict(generate_kwargs or {})
+            )
         )
         self.backend: GenerationBackend = factory(model, tokenizer)
 
@@ -215,6 +218,7 @@ def build_summarizer(
     backend_factory: BackendFactory | None = None,
     device: str = "auto",
     prefix_cache: bool = True,
+    generate_kwargs: Mapping[str, Any] | None = None,
 ) -> SummarizerModule:
     """Build from a hub name or local folder (`model`), or random-initialised from an HF `config` dict.
 
@@ -275,4 +279,5 @@ def build_summarizer(
         name=name or default_name,
         optimizer=optimizer,
         prefix_cache=prefix_cache,
+        generate_kwargs=_plain(generate_kwargs) if generate_kwargs else None,
     )
