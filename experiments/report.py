@@ -170,6 +170,18 @@ def plot_iterations(groups, out: Path) -> list[Path]:
     return written
 
 
+def paper_tables(groups, data: str) -> list[tuple[str, str, list[list[str]]]]:
+    """(name, Markdown, CSV rows) of the paper's tables for one dataset: Table 1 (Table 2 for the
+    out-of-domain NFCorpus, without R@1000) against the baseline, and Table 3 against the full model."""
+    split = eval_split_of(groups, data)
+    main_name, metrics = ("table2", TABLE2_METRICS) if data == "nfcorpus" else ("table1", TABLE1_METRICS)
+    t1, c1 = table(groups, data, split, [(r, r, "none") for r in PAPER_ROWS], metrics,
+                   f"{main_name.replace('table', 'Table ')} – {data} ({split})")
+    t3, c3 = table(groups, data, split, [(ABLATION_LABELS[a], "iterative", a) for a in ABLATIONS], ["ndcg@10"],
+                   f"Table 3 – ablations – {data} ({split})", ref=("iterative", "none"), ref_label="full model")
+    return [(main_name, t1, c1), ("table3", t3, c3)]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folders", nargs="+", help="folders searched recursively for results.json")
@@ -183,15 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sections = []
     for data in sorted({d for (d, _, _, _) in groups}):
-        split = eval_split_of(groups, data)
-        # Table 2 is the paper's out-of-domain table (NFCorpus, no R@1000); every other dataset gets Table 1.
-        main_name, metrics = ("table2", TABLE2_METRICS) if data == "nfcorpus" else ("table1", TABLE1_METRICS)
-        t1, c1 = table(groups, data, split, [(r, r, "none") for r in PAPER_ROWS], metrics,
-                       f"{main_name.replace('table', 'Table ')} – {data} ({split})")
-        t3, c3 = table(groups, data, split, [(ABLATION_LABELS[a], "iterative", a) for a in ABLATIONS], ["ndcg@10"],
-                       f"Table 3 – ablations – {data} ({split})", ref=("iterative", "none"), ref_label="full model")
-        sections += [t1, t3]
-        for name, rows in ((main_name, c1), ("table3", c3)):
+        for name, md, rows in paper_tables(groups, data):
+            sections.append(md)
             with (out / f"{name}_{data}.csv").open("w", newline="") as f:
                 csv.writer(f).writerows(rows)
     plots = plot_iterations(groups, out)

@@ -71,3 +71,28 @@ def test_paired_randomization_matches_enumeration():
         a, b = rng.random(8), rng.random(8)
         assert report.paired_randomization(a, b) == pytest.approx(exact_p(a - b), abs=0.02)
     assert report.paired_randomization(np.ones(4), np.ones(4)) == 1.0
+
+
+def test_notebook_rebuilds_the_tables_from_a_results_folder(tmp_path, monkeypatch):
+    """Runs the notebook's code cells (IPython's display stubbed) against hand-made runs."""
+    import types
+
+    shown: list = []
+    display_mod = types.ModuleType("IPython.display")
+    display_mod.Markdown = lambda text: ("md", text)
+    display_mod.Image = lambda filename: ("img", filename)
+    display_mod.display = shown.append
+    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+    monkeypatch.setitem(sys.modules, "IPython.display", display_mod)
+    _run(tmp_path / "runs", "none", 0, {"baseline": [0.2, 0.4, 0.6, 0.8, 1.0], "iterative": [0.5] * 5})
+    nb = json.loads((Path(report.__file__).parents[1] / "notebooks" / "01_results.ipynb").read_text())
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    ns: dict = {}
+    monkeypatch.chdir(Path(report.__file__).parents[1])
+    exec(cells[0], ns)  # noqa: S102 -- our own notebook
+    ns["RESULTS"], ns["OUT"] = [tmp_path / "runs"], tmp_path / "out"
+    for code in cells[1:]:
+        exec(code, ns)  # noqa: S102
+    tables = [text for kind, text in shown if kind == "md"]
+    assert len(tables) == 2 and "| iterative | 0.5000" in tables[0] and "Table 3" in tables[1]
+    assert [kind for kind, _ in shown].count("img") == 1
