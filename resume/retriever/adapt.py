@@ -103,8 +103,11 @@ class UniqueDocBatchSampler(Sampler[list[int]]):
 
     Epochs work as with `DistributedSampler`: call `set_epoch(e)` before iterating (the same
     epoch always gives the same batches). With `num_replicas > 1` every rank builds the same
-    plan, pads it by repeating its first batches to a multiple of `num_replicas` (so every
-    rank takes the same number of steps), and takes batches `rank::num_replicas`.
+    plan of GLOBAL batches of `batch_size * num_replicas` pairs (no document twice across the
+    ranks' concurrent batches, so negatives gathered across devices hold no false negative)
+    and takes slice `rank` of each, split as evenly as possible: every rank takes the same
+    number of steps. A last global batch with fewer pairs than ranks is dropped (at most
+    `num_replicas - 1` pairs skipped that epoch).
     """
 
     def __init__(
@@ -140,13 +143,13 @@ class UniqueDocBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def plan(self, epoch: int | None = None) -> list[list[int]]:
-        """All batches of `epoch` (default: the current one), before the split across replicas."""
+        """All (global) batches of `epoch` (default: the current one), before the split across replicas."""
         epoch = self.epoch if epoch is None else epoch
         if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, self._pack(epoch))
+            self._cache = (epoch, self._pack(epoch, self.batch_size * self.num_replicas))
         return self._cache[1]
 
-    def _pack(self, epoch: int) -> list[list[int]]:
+    def _pack(self, epoch: int, batch_size: int) -> list[list[int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.doc_ids)).tolist()
         stream = iter(order)
         # Pairs set aside, grouped by (doc, relevant): members of one group are interchangeable and
@@ -157,14 +160,14 @@ class UniqueDocBatchSampler(Sampler[list[int]]):
         while waiting or not exhausted:
             batch = _Batch(self.doc_ids, self.relevant)
             for key in list(waiting):
-                if len(batch) == self.batch_size:
+                if len(batch) == batch_size:
                     break
                 group = waiting[key]
                 if batch.fits(group[0]):
                     batch.add(group.popleft())
                     if not group:
                         del waiting[key]
-            while len(batch) < self.batch_size:
+            while len(batch) < batch_size:
                 i = next(stream, None)
                 if i is None:
                     exhausted = True
@@ -176,19 +179,18 @@ class UniqueDocBatchSampler(Sampler[list[int]]):
             if batch.items:
                 batches.append(batch.items)
         if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
+            batches = [b for b in batches if len(b) == batch_size]
         return batches
 
     def _local(self) -> list[list[int]]:
         batches = self.plan()
         if self.num_replicas == 1:
             return batches
-        if self.drop_last:
-            batches = batches[: len(batches) - len(batches) % self.num_replicas]
-        elif batches:
-            pad = -len(batches) % self.num_replicas
-            batches = batches + [batches[i % len(batches)] for i in range(pad)]
-        return batches[self.rank :: self.num_replicas]
+        return [
+            [int(i) for i in np.array_split(np.array(b), self.num_replicas)[self.rank]]
+            for b in batches
+            if len(b) >= self.num_replicas
+        ]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self._local())
@@ -275,14 +277,16 @@ _OWNED_TRAINER_KEYS = ("max_epochs", "max_steps", "logger", "reload_dataloaders_
 
 
 @contextmanager
-def _fit_settings(retriever: Any, optimizer: Callable[..., torch.optim.Optimizer], warmup_ratio: float) -> Iterator[None]:
-    """The retriever's optimizer and warmup for one fit; its own settings come back afterwards."""
-    saved = retriever.optimizer_factory, retriever.warmup_ratio
-    retriever.optimizer_factory, retriever.warmup_ratio = optimizer, warmup_ratio
+def _fit_settings(
+    retriever: Any, optimizer: Callable[..., torch.optim.Optimizer], warmup_ratio: float, gather: bool
+) -> Iterator[None]:
+    """The retriever's optimizer, warmup and negative gathering for one fit; its own settings come back afterwards."""
+    saved = retriever.optimizer_factory, retriever.warmup_ratio, retriever.gather_negatives
+    retriever.optimizer_factory, retriever.warmup_ratio, retriever.gather_negatives = optimizer, warmup_ratio, gather
     try:
         yield
     finally:
-        retriever.optimizer_factory, retriever.warmup_ratio = saved
+        retriever.optimizer_factory, retriever.warmup_ratio, retriever.gather_negatives = saved
 
 
 def adapt_retriever(
@@ -299,6 +303,7 @@ def adapt_retriever(
     doc_texts: Mapping[str, str] | None = None,
     drop_last: bool = False,
     seed: int = 0,
+    gather_negatives: bool = True,
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
     loggers: Any = None,
@@ -318,6 +323,9 @@ def adapt_retriever(
         doc_texts: doc id -> text to draw those negatives from (required when `hard_negatives > 0`).
         drop_last: drop each epoch's incomplete last batches (their pairs are skipped that epoch).
         seed: seeds batch order and negative sampling (dropout follows the global torch seed).
+        gather_negatives: with several devices, every query also scores the documents of the other
+            devices' batches (embeddings all-gathered with their gradients), so the negatives are those
+            of the global batch `batch_size * devices`, as on one device; False keeps them per device.
         optimizer: a factory `params -> Optimizer` replacing `AdamW(lr, weight_decay)`.
         trainer_kwargs: more `pytorch_lightning.Trainer` arguments (accelerator, devices, precision,
             strategy, gradient_clip_val, ...); the keys in `_OWNED_TRAINER_KEYS` are set here instead.
@@ -375,7 +383,7 @@ def adapt_retriever(
     device, was_training = retriever.device, retriever.training
     t0 = time.perf_counter()
     try:
-        with _fit_settings(retriever, opt, warmup_ratio):
+        with _fit_settings(retriever, opt, warmup_ratio, gather_negatives):
             retriever.train()  # dropout on; Lightning 2.x keeps whatever mode the module arrives in
             trainer.fit(retriever, datamodule=data)
     finally:

@@ -16,7 +16,7 @@ __all__ = ["info_nce"]
 
 
 def info_nce(
-    q: Tensor, d: Tensor, temperature: float, *, prefix: str = "retriever/train/"
+    q: Tensor, d: Tensor, temperature: float, *, positive_offset: int = 0, prefix: str = "retriever/train/"
 ) -> tuple[Tensor, dict[str, float]]:
     """InfoNCE over cosine similarities with in-batch negatives.
 
@@ -26,6 +26,9 @@ def info_nce(
             (and a negative for every other query); rows `B..B+N-1` are extra negatives shared
             by all queries.
         temperature: the similarity scale `tau` (> 0); logits are `cos / tau`.
+        positive_offset: query `i`'s positive is row `positive_offset + i` of `d` (documents
+            gathered from several devices: this device's rows start there; every other row is a
+            negative).
         prefix: namespace of the stat keys.
 
     Returns:
@@ -36,7 +39,7 @@ def info_nce(
     """
     if q.dim() != 2 or d.dim() != 2 or q.size(1) != d.size(1):
         raise ValueError(f"info_nce expects q [B, H] and d [B+N, H]; got q {tuple(q.shape)}, d {tuple(d.shape)}")
-    if d.size(0) < q.size(0):
+    if positive_offset < 0 or d.size(0) < positive_offset + q.size(0):
         raise ValueError(
             f"info_nce needs one positive document per query: d has {d.size(0)} rows for {q.size(0)} queries"
         )
@@ -44,13 +47,14 @@ def info_nce(
         raise ValueError(f"InfoNCE temperature ({temperature}) must be > 0; set retriever.temperature > 0")
     b = q.size(0)
     sim = q @ d.T  # [B, B+N] cosines
-    labels = torch.arange(b, device=q.device)
+    rows = torch.arange(b, device=q.device)
+    labels = rows + positive_offset
     loss = F.cross_entropy(sim / temperature, labels)
     with torch.no_grad():
         sim = sim.detach().float()
-        pos = sim[labels, labels]
+        pos = sim[rows, labels]
         neg_mask = torch.ones_like(sim, dtype=torch.bool)
-        neg_mask[labels, labels] = False
+        neg_mask[rows, labels] = False
         n_neg = int(neg_mask.sum())
         best_neg = sim.masked_fill(~neg_mask, float("-inf")).max(dim=1).values
         stats = {

@@ -93,6 +93,7 @@ class DenseRetriever(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.temperature = temperature
         self.warmup_ratio = 0.0  # fraction of the fit's steps with linear lr warmup (set per fit by adapt_retriever)
+        self.gather_negatives = False  # score the other devices' documents too (set per fit by adapt_retriever)
         # The HF pooler head (BertModel.pooler: dense + tanh on [CLS]) is never read by `pool`; frozen, it
         # gets no optimizer state and DDP does not wait for gradients it will never receive.
         if isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
@@ -102,7 +103,10 @@ class DenseRetriever(pl.LightningModule):
     def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         q = self(batch["query"]["input_ids"], batch["query"]["attention_mask"])
         d = self(batch["doc"]["input_ids"], batch["doc"]["attention_mask"])
-        loss, stats = info_nce(q, d, self.temperature, prefix="retriever/train/")
+        offset = 0
+        if self.gather_negatives and self.trainer.world_size > 1:
+            d, offset = gather_rows(d)
+        loss, stats = info_nce(q, d, self.temperature, positive_offset=offset, prefix="retriever/train/")
         stats["retriever/train/lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
         stats["retriever/train/negatives"] = float(d.size(0) - 1)  # per query: in-batch + extra
         self.log_dict(stats, batch_size=q.size(0), on_step=True, on_epoch=False)
@@ -226,6 +230,23 @@ class DenseRetriever(pl.LightningModule):
             if any(saved.get(k) != mine[k] for k in keys):
                 log.warning("%s was saved with other encoding settings than %s; this module keeps its own",
                             folder, {k: mine[k] for k in keys})
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Rows of `x` from every rank, concatenated in rank order, with gradients flowing back to each
+    rank's own rows; and where this rank's rows start. Ranks may hold different row counts."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    count = torch.tensor([x.size(0)], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    width = max(sizes)
+    padded = torch.cat([x, x.new_zeros(width - x.size(0), x.size(1))]) if width > x.size(0) else x
+    parts = all_gather(padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
 
 
 def build_retriever(

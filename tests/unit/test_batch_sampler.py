@@ -80,19 +80,24 @@ def test_drop_last_keeps_only_full_batches():
     assert batches and all(len(b) == 8 for b in batches)
 
 
-def test_replicas_get_equal_step_counts_and_cover_every_pair():
-    full = UniqueDocBatchSampler(DOC_IDS, 4, seed=1)
+def test_replicas_split_global_batches_with_no_document_twice_across_devices():
+    """Rank r takes slice r of each global batch of batch_size * replicas pairs: equal step counts,
+    every pair once, and no document twice among the batches the devices train on together (the
+    negatives gathered across devices hold no false negative)."""
     ranks = [UniqueDocBatchSampler(DOC_IDS, 4, seed=1, num_replicas=3, rank=r) for r in range(3)]
+    global_plan = UniqueDocBatchSampler(DOC_IDS, 12, seed=1).plan()
+    assert ranks[0].plan() == global_plan
     lens = {len(s) for s in ranks}
-    assert len(lens) == 1 and lens.pop() == -(-len(full) // 3)
+    assert lens == {len([b for b in global_plan if len(b) >= 3])}
+    steps = list(zip(*(list(s) for s in ranks)))
+    for step, plan_batch in zip(steps, global_plan):
+        together = [i for b in step for i in b]
+        assert together == plan_batch  # the global batch, split in rank order
+        assert len({DOC_IDS[i] for i in together}) == len(together)
+        assert max(map(len, step)) - min(map(len, step)) <= 1 and min(map(len, step)) >= 1
     seen = Counter(i for s in ranks for b in s for i in b)
-    assert set(seen) == set(range(len(DOC_IDS)))  # padding repeats a few batches, losing none
-    plan = list(full)
-    interleaved = [b for step in zip(*(list(s) for s in ranks)) for b in step]
-    assert interleaved == plan + plan[: len(interleaved) - len(plan)]  # the one plan, dealt round-robin
-    for s in ranks:
-        for b in s:
-            assert len({DOC_IDS[i] for i in b}) == len(b)
+    dropped = [b for b in global_plan if len(b) < 3]
+    assert max(seen.values()) == 1 and len(seen) == len(DOC_IDS) - sum(map(len, dropped))
 
 
 def test_bad_arguments():

@@ -112,3 +112,17 @@ def test_single_pair_without_negatives():
 def test_rejects_bad_inputs(q, d, tau, match):
     with pytest.raises(ValueError, match=match):
         info_nce(q, d, temperature=tau)
+
+
+def test_positive_offset_points_each_query_at_its_row_of_gathered_documents():
+    """Documents gathered from several devices: this device's positives start at the offset."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    loss, stats = info_nce(q, d, 0.1, positive_offset=2, prefix="")
+    logits = q @ d.T / 0.1
+    want = -(logits[0, 2] - logits[0].logsumexp(0) + logits[1, 3] - logits[1].logsumexp(0)) / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert stats["pos_sim"] == pytest.approx(((q[0] @ d[2] + q[1] @ d[3]) / 2).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="one positive document per query"):
+        info_nce(q, d, 0.1, positive_offset=4)
