@@ -89,3 +89,13 @@ def test_paper_preset_runs_offline_on_a_tiny_msmarco_format_copy(compose_in_tmp,
     cfg = (tmp_path / "out" / "config_resolved.yaml").read_text()
     assert "precision: bf16-mixed" in cfg and "lr: 3.0e-07" in cfg
     assert sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json")) == ["iter1-adapt", "iter1-grpo"]
+
+
+def test_run_folder_check_compares_configs_as_data(tmp_path):
+    """The same settings written in another key order are the same run; another value is refused."""
+    from resume.train import _check_run_folder
+
+    (tmp_path / "config_resolved.yaml").write_text("a: 1\nb:\n  c: 2\n  d: [1, 2]\n")
+    _check_run_folder(tmp_path, "b:\n  d: [1, 2]\n  c: 2\na: 1\n")
+    with pytest.raises(RuntimeError, match="different configuration"):
+        _check_run_folder(tmp_path, "a: 1\nb:\n  c: 3\n  d: [1, 2]\n")
