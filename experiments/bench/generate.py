@@ -6,6 +6,7 @@ reference run (`prefix_cache=False`), and whether the completions are identical.
     python experiments/bench/generate.py                              # SmolLM2-135M, 8 SciFact docs
     python experiments/bench/generate.py --summarizer tiny --n 16     # random tiny model (seconds)
     python experiments/bench/generate.py --max-new-tokens 1           # prefill only
+    python experiments/bench/generate.py --random-qwen3-4b --n 256 --batch-size 256 --max-new-tokens 512  # GPU
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from _models import bench_summarizer
 
 from resume.summarizer.generate import HFBackend
-from resume.utils.config import CONFIG_DIR
 
 SCIFACT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scifact" / "corpus.jsonl"
 
@@ -41,11 +40,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-doc-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=4, help="completions per prompt in the sampled (rollout) run")
+    ap.add_argument("--random-qwen3-4b", action="store_true", help="Qwen3-4B's architecture at random weights")
+    ap.add_argument("--peak-tflops", type=float, default=790.0 if torch.cuda.is_available() else 0.0,
+                    help="dense peak of the device (H100 bf16: ~790 measured); 2 x params FLOP per token")
     args = ap.parse_args()
-    cfg = OmegaConf.load(CONFIG_DIR / "summarizer" / f"{args.summarizer}.yaml")
-    cfg.seed = 0
-    cfg.prompt.max_doc_tokens = args.max_doc_tokens
-    summarizer = instantiate(cfg)
+    summarizer = bench_summarizer(args.summarizer, args.max_doc_tokens, args.random_qwen3_4b)
+    params = sum(p.numel() for p in summarizer.model.parameters())
     prompts = summarizer.prompts_for(_docs(args.n))
     runs = {
         "greedy (corpus)": (prompts, replace(summarizer.corpus_generation, max_new_tokens=args.max_new_tokens)),
@@ -55,10 +55,10 @@ def main() -> None:
         ),
     }
     device = next(summarizer.model.parameters()).device
-    print(f"device={device} summarizer={args.summarizer} docs={args.n} batch={args.batch_size} "
+    print(f"device={device} summarizer={'random qwen3-4b' if args.random_qwen3_4b else args.summarizer} params={params / 1e6:.0f}M docs={args.n} batch={args.batch_size} "
           f"max_new_tokens={args.max_new_tokens} max_doc_tokens={args.max_doc_tokens} threads={torch.get_num_threads()}")
-    print("| run | backend | prefix tokens cached | generated tok/s | ratio vs plain | identical |")
-    print("|---|---|---|---|---|---|")
+    print("| run | backend | prefix tokens cached | generated tok/s | ratio vs plain | identical | % of compute limit |")
+    print("|---|---|---|---|---|---|---|")
     for name, (ps, params) in runs.items():
         out = {}
         for label, on in (("plain (reference)", False), ("shared-prefix cache", True)):
@@ -71,7 +71,8 @@ def main() -> None:
             out[label] = ([[c.token_ids for c in g] for g in groups], dt, toks, backend.last_prefix_length)
         ref = out["plain (reference)"]
         for label, (ids, dt, toks, p) in out.items():
-            print(f"| {name} | {label} | {p} | {toks / dt:.1f} | {ref[1] / dt:.2f} | {ids == ref[0]} |")
+            limit = f"{100 * (toks / dt) * 2 * params / (args.peak_tflops * 1e12):.1f}" if args.peak_tflops else "–"
+            print(f"| {name} | {label} | {p} | {toks / dt:.1f} | {ref[1] / dt:.2f} | {ids == ref[0]} | {limit} |")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from _models import bench_summarizer
 
 from resume.data.beir import Document
 from resume.summarizer.rl import GRPOConfig, run_grpo
-from resume.utils.config import CONFIG_DIR
 
 SCIFACT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scifact" / "corpus.jsonl"
 
@@ -60,15 +58,7 @@ def _docs(n: int) -> dict[str, Document]:
 
 
 def _summarizer(args: argparse.Namespace):
-    cfg = OmegaConf.load(CONFIG_DIR / "summarizer" / f"{args.summarizer}.yaml")
-    cfg.seed = 0
-    cfg.prompt.max_doc_tokens = args.max_doc_tokens
-    if args.random_qwen3_4b:  # Qwen3-4B's shape at random weights, with the hub-free tiny tokenizer
-        cfg.model, cfg.dtype = None, "fp32"
-        cfg.config = {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-                      "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-                      "max_position_embeddings": 40960, "tie_word_embeddings": True}
-    return instantiate(cfg)
+    return bench_summarizer(args.summarizer, args.max_doc_tokens, args.random_qwen3_4b)
 
 
 def bench_ours(args, docs) -> list[float]:

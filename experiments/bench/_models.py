@@ -1,0 +1,28 @@
+"""Summarizers for the benches: a conf/summarizer/ file, or Qwen3-4B's architecture at random weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from resume.utils.config import CONFIG_DIR
+
+# Qwen3-4B (Qwen3-4B-Thinking-2507's config.json): the paper's summarizer, for throughput at its size.
+QWEN3_4B = {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+            "tie_word_embeddings": True, "rope_theta": 5000000.0}
+
+
+def bench_summarizer(name: str, max_doc_tokens: int, random_qwen3_4b: bool = False) -> Any:
+    """`conf/summarizer/<name>.yaml` (seed 0, documents cut at `max_doc_tokens`); with
+    `random_qwen3_4b`, the same prompt on Qwen3-4B's shape at random weights (bf16 on a GPU). Its
+    tokenizer is the hub-free tiny BPE one, so the vocabulary (embedding and LM head) is small:
+    ~3.6B parameters instead of 4.0B; the bench reports tokens/s against the parameters it has."""
+    cfg = OmegaConf.load(CONFIG_DIR / "summarizer" / f"{name}.yaml")
+    cfg.seed = 0
+    cfg.prompt.max_doc_tokens = max_doc_tokens
+    if random_qwen3_4b:
+        cfg.model, cfg.tokenizer, cfg.dtype, cfg.config = None, None, "auto", dict(QWEN3_4B)
+    return instantiate(cfg)
