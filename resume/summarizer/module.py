@@ -66,6 +66,7 @@ class SummarizerModule(pl.LightningModule):
         reference_model: torch.nn.Module | None = None,
         prefix_cache: bool = True,
         generate_kwargs: Mapping[str, Any] | None = None,
+        min_prefix_tokens: int = 32,
     ) -> None:
         super().__init__()
         if not separator:
@@ -90,7 +91,8 @@ class SummarizerModule(pl.LightningModule):
             reference_model.requires_grad_(False).eval()
         factory = backend_factory or (
             lambda m, t: HFBackend(
-                m, t, batch_size=batch_size, prefix_cache=prefix_cache, generate_kwargs=dict(generate_kwargs or {})
+                m, t, batch_size=batch_size, prefix_cache=prefix_cache, min_prefix_tokens=min_prefix_tokens,
+                generate_kwargs=dict(generate_kwargs or {}),
             )
         )
         self.backend: GenerationBackend = factory(model, tokenizer)
@@ -219,6 +221,7 @@ def build_summarizer(
     device: str = "auto",
     prefix_cache: bool = True,
     generate_kwargs: Mapping[str, Any] | None = None,
+    min_prefix_tokens: int = 32,
 ) -> SummarizerModule:
     """Build from a hub name or local folder (`model`), or random-initialised from an HF `config` dict.
 
@@ -280,4 +283,5 @@ def build_summarizer(
         optimizer=optimizer,
         prefix_cache=prefix_cache,
         generate_kwargs=_plain(generate_kwargs) if generate_kwargs else None,
+        min_prefix_tokens=min_prefix_tokens,
     )
