@@ -15,7 +15,7 @@ def test_smoke_loop_on_gpu_in_bf16(compose_in_tmp, tmp_path):
     """The whole loop on a GPU: bf16 encoding, GRPO in bf16-mixed over fp32 master weights,
     adaptation in bf16-mixed; every phase runs and the models sit on the GPU."""
     cfg = compose_in_tmp(["debug=smoke", "logger=none", "summarizer.dtype=fp32",
-                          "+grpo.trainer_kwargs.precision=bf16-mixed", "adaptation.trainer_kwargs.precision=bf16-mixed",
+                          "grpo.trainer_kwargs.precision=bf16-mixed", "adaptation.trainer_kwargs.precision=bf16-mixed",
                           "grpo.config.steps=2", "grpo.config.val_every=0"])
     torch.cuda.reset_peak_memory_stats()
     results = run(cfg)
