@@ -144,6 +144,7 @@ def plot_iterations(groups, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
     panels = [("reward", lambda it: it.get("grpo", {}).get("reward_mean")),
@@ -160,6 +161,7 @@ def plot_iterations(groups, out: Path) -> list[Path]:
                 ax.plot(xs, [get(it) for it in e["iterations"] if get(it) is not None], marker="o", label=f"seed {e['seed']}")
             ax.set_title(name)
             ax.set_xlabel("iteration")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{data} – iterative – {ablation}")
         fig.tight_layout()
