@@ -326,6 +326,7 @@ def adapt_retriever(
         gather_negatives: with several devices, every query also scores the documents of the other
             devices' batches (embeddings all-gathered with their gradients), so the negatives are those
             of the global batch `batch_size * devices`, as on one device; False keeps them per device.
+            Extra `hard_negatives` are drawn per device, outside that device's relevant documents only.
         optimizer: a factory `params -> Optimizer` replacing `AdamW(lr, weight_decay)`.
         trainer_kwargs: more `pytorch_lightning.Trainer` arguments (accelerator, devices, precision,
             strategy, gradient_clip_val, ...); the keys in `_OWNED_TRAINER_KEYS` are set here instead.
