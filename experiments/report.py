@@ -130,9 +130,9 @@ def table(groups, data: str, split: str, rows: list[tuple[str, str, str]], metri
         md.append("| (no finished runs) |" + " |" * (len(header) - 1))
     budgets = sorted({str(e["budget"]) for (d, s, _, _), es in groups.items() if d == data and s == split for e in es})
     models = sorted({json.dumps(e["models"], sort_keys=True) for (d, s, _, _), es in groups.items() if d == data for e in es})
-    md += ["", f"Δ: mean per-query difference and paired randomisation p over the queries and the seeds both rows "
-               f"share (cells average all of a row's seeds)", f"budget: {'; '.join(budgets)}",
-           f"models: {'; '.join(models)}", ""]
+    note = ("Δ: mean per-query difference and paired randomisation p over the queries and the seeds both rows "
+            "share (cells average all of a row's seeds)")
+    md += ["", note, f"budget: {'; '.join(budgets)}", f"models: {'; '.join(models)}", ""]
     return "\n".join(md), out
 
 
