@@ -147,6 +147,15 @@ def _generate_missing(
     return tokens, (time.perf_counter() - t0 if todo else 0.0)
 
 
+def cached_records(
+    cache: SummaryCache, docs: Mapping[str, DocumentLike], hashes: Mapping[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """doc_id -> cached record, for the documents of `docs` whose text is unchanged since
+    (`hashes`: their `doc_hash`es, computed here when not given)."""
+    hashes = hashes or {d: doc_hash(doc.title, doc.text) for d, doc in docs.items()}
+    return {d: r for d, r in cache.done(hashes).items() if d in docs}
+
+
 def _longest_first(docs: Mapping[str, DocumentLike], ids: Any) -> list[str]:
     # Similar lengths share a batch (less padding) and an out-of-memory error shows at once.
     return sorted(ids, key=lambda d: (-len(docs[d].text), d))
@@ -172,8 +181,7 @@ def summarize_corpus(
     params = params or summarizer.corpus_generation
     _checked(params, fallback, batch_size)
     cache = cache_for(summarizer, cache_dir, params)
-    hashes = {d: doc_hash(doc.title, doc.text) for d, doc in docs.items()}
-    done = {d: r for d, r in cache.done(hashes).items() if d in docs}
+    done = cached_records(cache, docs)
     todo = _longest_first(docs, (d for d in docs if d not in done))
     log.info(
         "summaries: %d of %d documents cached in %s, %d to generate",
@@ -242,9 +250,8 @@ def summarize_shard(
     params = params or summarizer.corpus_generation
     _checked(params, "completion", batch_size)
     cache = cache_for(summarizer, cache_dir, params, shard=f"rank{rank}-of-{world_size}")
-    hashes = {d: doc_hash(doc.title, doc.text) for d, doc in docs.items()}
     mine = shard_of(_longest_first(docs, docs), rank, world_size)
-    done = {d: r for d, r in cache.done(hashes).items() if d in docs}
+    done = cached_records(cache, docs)
     todo = [d for d in mine if d not in done]
     log.info(
         "summaries shard %d/%d: %d documents, %d cached, %d to generate into %s",

@@ -46,7 +46,7 @@ def _init_distributed(world_size: int, wait_minutes: float) -> bool:
 
 def run(cfg: DictConfig) -> dict:
     from resume.cache import doc_hash
-    from resume.summarize import cache_for, summarize_corpus, summarize_shard
+    from resume.summarize import cache_for, cached_records, summarize_corpus, summarize_shard
 
     rank, world, local = int(cfg.shard.rank), int(cfg.shard.world_size), int(cfg.shard.local_rank)
     if torch.cuda.is_available():
@@ -58,17 +58,15 @@ def run(cfg: DictConfig) -> dict:
     opts = {"batch_size": cfg.summaries.batch_size, "progress": cfg.summaries.progress}
     stats = summarize_shard(summarizer, docs, cfg.paths.cache_dir, rank, world, **opts)
     log.info("shard %d/%d done: %s", rank, world, stats)
+    if distributed and cfg.shard.merge:
+        torch.distributed.barrier()  # every rank's share is in the cache
     if not cfg.shard.merge or rank != 0:
-        if distributed:
-            torch.distributed.barrier()
         return stats
-    if distributed:
-        torch.distributed.barrier()
-    else:  # independent jobs: wait until the other shards' summaries are all in the cache
+    if not distributed:  # independent jobs: wait until the other shards' summaries are all in the cache
         cache = cache_for(summarizer, cfg.paths.cache_dir, summarizer.corpus_generation)
         hashes = {d: doc_hash(doc.title, doc.text) for d, doc in docs.items()}
         deadline = time.monotonic() + 60 * float(cfg.shard.wait_minutes)
-        while (n := len(set(cache.done(hashes)) & set(docs))) < len(docs):
+        while (n := len(cached_records(cache, docs, hashes))) < len(docs):
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"shard.wait_minutes={cfg.shard.wait_minutes} passed with {len(docs) - n} of {len(docs)} "
