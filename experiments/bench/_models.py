@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from resume.data.beir import Document
 from resume.utils.config import CONFIG_DIR
+
+SCIFACT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scifact" / "corpus.jsonl"
+
+
+def bench_docs(n: int) -> dict[str, Document]:
+    """The first `n` SciFact documents (../shared/data), or synthetic ones of similar length without it."""
+    if SCIFACT.is_file():
+        rows = [json.loads(line) for _, line in zip(range(n), SCIFACT.open())]
+        return {str(r["_id"]): Document(title=r["title"], text=r["text"]) for r in rows}
+    return {f"d{i}": Document(title=f"doc {i}", text=" ".join(f"w{(i * 7 + j) % 300}" for j in range(150)))
+            for i in range(n)}
 
 # Qwen3-4B (Qwen3-4B-Thinking-2507's config.json): the paper's summarizer, for throughput at its size.
 QWEN3_4B = {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,

@@ -12,24 +12,13 @@ reference run (`prefix_cache=False`), and whether the completions are identical.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-from _models import bench_summarizer
+from _models import bench_docs, bench_summarizer
 
 from resume.summarizer.generate import HFBackend
-
-SCIFACT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scifact" / "corpus.jsonl"
-
-
-def _docs(n: int) -> list[tuple[str, str]]:
-    if SCIFACT.is_file():
-        docs = [json.loads(line) for _, line in zip(range(n), SCIFACT.open())]
-        return [(d["title"], d["text"]) for d in docs]
-    return [(f"doc {i}", " ".join(f"word{(i * 7 + j) % 500}" for j in range(200))) for i in range(n)]
 
 
 def main() -> None:
@@ -46,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     summarizer = bench_summarizer(args.summarizer, args.max_doc_tokens, args.random_qwen3_4b)
     params = sum(p.numel() for p in summarizer.model.parameters())
-    prompts = summarizer.prompts_for(_docs(args.n))
+    prompts = summarizer.prompts_for([(d.title, d.text) for d in bench_docs(args.n).values()])
     runs = {
         "greedy (corpus)": (prompts, replace(summarizer.corpus_generation, max_new_tokens=args.max_new_tokens)),
         f"sampled x{args.k} (rollouts)": (

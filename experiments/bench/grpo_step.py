@@ -24,12 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _models import bench_summarizer
+from _models import bench_docs, bench_summarizer
 
-from resume.data.beir import Document
 from resume.summarizer.rl import GRPOConfig, run_grpo
-
-SCIFACT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scifact" / "corpus.jsonl"
 
 
 def text_score(text: str) -> float:
@@ -48,13 +45,6 @@ class _Scores:
 class BenchReward:
     def compute(self, texts: list[str], group_ids: list[str]) -> _Scores:
         return _Scores(torch.tensor([text_score(t) for t in texts]))
-
-
-def _docs(n: int) -> dict[str, Document]:
-    if SCIFACT.is_file():
-        rows = [json.loads(line) for _, line in zip(range(n), SCIFACT.open())]
-        return {str(r["_id"]): Document(title=r["title"], text=r["text"]) for r in rows}
-    return {f"d{i}": Document(title=f"doc {i}", text=" ".join(f"w{(i * 7 + j) % 300}" for j in range(150))) for i in range(n)}
 
 
 def _summarizer(args: argparse.Namespace):
@@ -121,7 +111,7 @@ def main() -> None:
     ap.add_argument("--max-doc-tokens", type=int, default=128)
     ap.add_argument("--mini-batch", type=int, default=None)
     args = ap.parse_args()
-    docs = _docs(args.prompts * args.steps)
+    docs = bench_docs(args.prompts * args.steps)
     trl_times = bench_trl(args, docs)
     our_times = bench_ours(args, docs)
     med = {name: statistics.median(t[1:] or t) for name, t in (("trl", trl_times), ("ours", our_times))}
