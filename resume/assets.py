@@ -16,14 +16,15 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from resume.utils.config import default_cache_dir
 from resume.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
-    """Where converted models live: $RESUME_CACHE, else ~/.cache/resume."""
-    return Path(os.environ.get("RESUME_CACHE", Path.home() / ".cache" / "resume"))
+    """Where converted models live: the project's cache (`resume.utils.config.default_cache_dir`)."""
+    return default_cache_dir()
 
 
 def _package_dir(module: str) -> Path | None:

@@ -26,10 +26,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from resume.utils import config as _config  # noqa: F401  (registers ${repo_root:})
+from resume.data import register_data_resolvers
+from resume.summaries.cache import doc_hash
+from resume.summaries.corpus import cache_for, cached_records, summarize_corpus, summarize_shard
+from resume.utils.config import register_resolvers
 from resume.utils.io import atomic_write_json
 
 log = logging.getLogger("resume")
+
+# Before @hydra.main composes: hydra.run.dir and paths.* interpolate these resolvers.
+register_resolvers()
+register_data_resolvers()
 
 
 def _init_distributed(world_size: int, wait_minutes: float) -> bool:
@@ -45,9 +52,6 @@ def _init_distributed(world_size: int, wait_minutes: float) -> bool:
 
 
 def run(cfg: DictConfig) -> dict:
-    from resume.cache import doc_hash
-    from resume.summarize import cache_for, cached_records, summarize_corpus, summarize_shard
-
     rank, world, local = int(cfg.shard.rank), int(cfg.shard.world_size), int(cfg.shard.local_rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(local % torch.cuda.device_count())

@@ -6,39 +6,29 @@ import json
 import logging
 import resource
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from resume.utils import config as _config  # noqa: F401  (registers ${repo_root:})
+from resume.data import register_data_resolvers
+from resume.loop import Loop, LoopConfig, make_adapt, make_grpo, make_summarize
+from resume.utils.config import register_resolvers
 from resume.utils.io import atomic_write_json, atomic_write_text
+from resume.utils.lightning import build_loggers, close_loggers
 
 log = logging.getLogger("resume")
 
-
-def build_loggers(cfg: DictConfig | None) -> list[Any]:
-    """Lightning loggers from the `logger` group (a dict of named loggers; empty for none)."""
-    if not cfg:
-        return []
-    return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
-
-
-def close_loggers(loggers: list[Any], status: str) -> None:
-    """Always called, so a crashed job in a multirun never leaves an open W&B run behind."""
-    for lg in loggers:
-        try:
-            lg.finalize(status)
-        except Exception as e:  # noqa: BLE001 -- a logger failing to close must not hide the real error
-            log.warning("closing logger %s failed: %s", type(lg).__name__, e)
-        if type(lg).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish(exit_code=0 if status == "success" else 1)
+# Before @hydra.main composes: hydra.run.dir and paths.* interpolate these resolvers.
+register_resolvers()
+register_data_resolvers()
 
 
 def _check_run_folder(out: Path, resolved: str) -> None:
@@ -67,12 +57,10 @@ def results_table(results: dict[str, Any]) -> str:
 
 def build_loop(cfg: DictConfig, data: Any, retriever: Any, out: Path, loggers: list[Any], log_metrics: Any) -> Any:
     """Join the configured pieces into Algorithm 1; phases the experiment switches off stay None."""
-    from resume.loop import Loop, LoopConfig
-    from resume.phases import make_adapt, make_grpo, make_summarize
-
     loop_cfg = LoopConfig(
         max_iterations=cfg.loop.max_iterations, stop_on=cfg.loop.stop_on, epsilon=cfg.loop.epsilon,
-        min_iterations=cfg.loop.min_iterations, paper_rows=cfg.loop.paper_rows, seed=cfg.seed,
+        min_iterations=cfg.loop.min_iterations, select_split=cfg.loop.select_split,
+        eval_points=OmegaConf.to_container(cfg.loop.eval_points, resolve=True), seed=cfg.seed,
     )
     tok = retriever.tokenizer
 
@@ -148,19 +136,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         close_loggers(loggers, status)
 
 
+def get_metric_value(results: dict[str, Any], optimized_metric: str) -> float:
+    """The sweep objective: `<split>/<metric>` of the run's own (last) row, e.g. `test/ndcg@10`."""
+    split, _, metric = optimized_metric.partition("/")
+    rows = [r for r in results["rows"] if r["split"] == split and r["row"] == results["experiment"]]
+    if not metric or not rows or metric not in rows[-1]["metrics"]:
+        have = sorted({f"{r['split']}/{m}" for r in results["rows"] for m in r["metrics"]})
+        raise ValueError(f"optimized_metric={optimized_metric!r} is not among this run's results {have}; "
+                         "set optimized_metric=<split>/<metric>")
+    return float(rows[-1]["metrics"][metric])
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # One failing job must not stop a sweep: record the error in its folder and go on
         # (its loggers are already closed by run()'s finally).
         try:
             results = run(cfg)
         except Exception:  # noqa: BLE001
-            import traceback
-
             err = traceback.format_exc()
             atomic_write_text(Path(cfg.paths.output_dir) / "error.txt", err)
             log.error("job %s failed; the sweep goes on. Traceback in %s/error.txt\n%s",
@@ -168,8 +162,7 @@ def main(cfg: DictConfig) -> float | None:
             return None
     else:
         results = run(cfg)
-    final = [r for r in results["rows"] if r["split"] == cfg.data.eval_split]
-    return final[-1]["metrics"].get("ndcg@10") if final else None  # sweeper objective
+    return get_metric_value(results, cfg.optimized_metric) if cfg.optimized_metric else None  # sweeper objective
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from resume.utils.config import CONFIG_DIR, REPO_ROOT
+from resume.data import register_data_resolvers
+from resume.utils.config import CONFIG_DIR, REPO_ROOT, register_resolvers
 
+register_resolvers()  # what the entry points do before composing
+register_data_resolvers()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -21,7 +21,7 @@ from transformers import AutoModel
 
 from resume.data import load_beir
 from resume.data.toy import write_toy
-from resume.metrics import evaluate
+from resume.evaluation.metrics import evaluate
 from resume.retriever import DenseRetriever, build_retriever
 from resume.retriever.adapt import training_pairs
 
@@ -75,7 +75,7 @@ def test_infonce_adaptation_learns_toy_retrieval(compose_in_tmp, tmp_path: Path,
     unchanged = [n for n, p in retriever.named_parameters() if p.requires_grad and torch.equal(p, params[n])]
     assert not unchanged, f"parameters not updated: {unchanged}"
     assert not any(p.requires_grad for p in retriever.encoder.pooler.parameters())  # unused head stays frozen
-    assert retriever.optimizer_factory is None and retriever.warmup_ratio == 0.0  # fit settings restored
+    assert not hasattr(retriever, "optimizer_factory")  # the fit's settings live in its ContrastiveModule only
     assert retriever.training  # the mode it came in
 
 

@@ -55,9 +55,14 @@ def test_ablation_changes_only_its_own_keys(compose_in_tmp, ablation):
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_data_configs_compose(compose_in_tmp, dataset):
-    cfg = compose_in_tmp([f"data={dataset}"])
-    assert cfg.data.name == dataset
-    assert cfg.data.eval_split in cfg.data.splits or cfg.data.dev_from_train
+    if dataset == "beir":  # any folder: named after it, splits found from its qrels/ when loaded
+        cfg = compose_in_tmp(["data=beir", "data.path=/somewhere/my-corpus"])
+        assert cfg.data.name == "my-corpus" and cfg.data.splits is None
+        assert cfg.run_name.startswith("my-corpus-")
+    else:
+        cfg = compose_in_tmp([f"data={dataset}"])
+        assert cfg.data.name == dataset
+        assert cfg.data.eval_split in cfg.data.splits or cfg.data.dev_from_train
     assert cfg.data._target_ == "resume.data.load_dataset"
 
 
@@ -69,7 +74,7 @@ def test_offline_data_configs_point_at_shared_copies(compose_in_tmp):
 
 @pytest.mark.parametrize("logger", LOGGERS)
 def test_loggers_instantiate_offline(compose_in_tmp, logger, tmp_path):
-    from resume.train import build_loggers, close_loggers
+    from resume.utils.lightning import build_loggers, close_loggers
 
     cfg = compose_in_tmp([f"logger={logger}"])
     cfg.paths.output_dir = str(tmp_path / "out")

@@ -12,7 +12,8 @@ import torch
 from grpo_fixtures import ShapedReward, retrieval_reward, toy_config
 from hydra.utils import instantiate
 
-from resume.summarizer.rl import GRPOConfig, lr_schedule, run_grpo
+from resume.grpo import GRPOConfig, run_grpo
+from resume.utils.optim import lr_schedule
 
 N = 2  # killed after N GRPO steps, resumed to 2N
 

@@ -13,7 +13,8 @@ from grpo_fixtures import WordStartReward, group, retrieval_reward, toy_config
 from hydra.utils import instantiate
 from pytorch_lightning.loggers import CSVLogger
 
-from resume.summarizer.rl import GRPOConfig, pack_completions, run_grpo
+from resume.grpo import GRPOConfig, run_grpo
+from resume.grpo.rollouts import pack_completions
 
 
 def _adamw(lr: float) -> functools.partial:

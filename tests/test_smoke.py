@@ -7,7 +7,7 @@ import json
 import pytest
 from hydra.utils import instantiate
 
-from resume.metrics import read_trec_run
+from resume.evaluation.metrics import read_trec_run
 from resume.train import run
 
 

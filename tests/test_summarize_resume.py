@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from resume.data.beir import load_corpus
-from resume.summarize import summarize_corpus, summary_stats
+from resume.summaries import summarize_corpus, summary_stats
 from resume.summarizer.generate import Completion, GenerationParams
 from resume.summarizer.module import SummarizerModule  # imported before the fork: the child reuses it
 from resume.utils.config import CONFIG_DIR

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from test_summarize_resume import CountingBackend, tiny_summarizer, write_corpus
 
-from resume.cache import SummaryCache
+from resume.summaries.cache import SummaryCache
 from resume.data.beir import load_corpus
-from resume.summarize import cache_for, shard_of, summarize_corpus, summarize_shard
+from resume.summaries.corpus import cache_for, shard_of, summarize_corpus, summarize_shard
 from resume.utils.config import CONFIG_DIR
 
 REPO = CONFIG_DIR.parent

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from _models import bench_docs, bench_summarizer
 
-from resume.summarizer.rl import GRPOConfig, run_grpo
+from resume.grpo import GRPOConfig, run_grpo
 
 
 def text_score(text: str) -> float:

@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
-from resume.data.beir import DataError, RetrievalData, Split, load_beir
+from resume.data.beir import DataError, RetrievalData, Split, available_splits, check_unknown_qrels, load_beir
 
 log = logging.getLogger(__name__)
+
+
+def _basename(path: str | None) -> str:
+    """`${basename:<path>}`: the last component of a path (`/x/my-beir/` -> `my-beir`)."""
+    # data=beir passes `${oc.select:data.path,null}`, so an unset data.path (`???`) arrives here as
+    # None and gets this message instead of OmegaConf's one about whichever key interpolated it.
+    if path is None or not str(path).strip():
+        raise DataError(
+            "data.path is not set: data=beir needs data.path=<a BEIR folder holding corpus.jsonl, "
+            "queries.jsonl and qrels/<split>.tsv>"
+        )
+    name = Path(os.path.abspath(str(path))).name  # abspath: `.` and `x/..` name the folder they mean
+    if not name:
+        raise DataError(f"data.path={path!r} has no base name to name the dataset by; set data.name=<name>")
+    return name
+
+
+def register_data_resolvers() -> None:
+    """Register the OmegaConf resolvers the `data=` configs use (idempotent): `${basename:<path>}`.
+
+    Not done at import time, so importing this module changes no global state; the config
+    entry points call it before composing.
+    """
+    if not OmegaConf.has_resolver("basename"):
+        OmegaConf.register_new_resolver("basename", _basename)
 
 
 def _download(url: str, download_dir: str | Path, name: str) -> Path:
@@ -95,7 +122,7 @@ def subset(
 def load_dataset(
     name: str,
     path: str | None,
-    splits: list[str],
+    splits: list[str] | None,
     eval_split: str,
     url: str | None = None,
     download_dir: str | None = None,
@@ -104,12 +131,19 @@ def load_dataset(
     max_queries: Mapping[str, int] | None = None,
     seed: int = 0,
     generator: Mapping | None = None,
+    unknown_qrels: str = "error",
 ) -> RetrievalData:
     """Build the dataset a `data=` config describes.
 
     Resolution order: `path` if it is a folder; else `generator` (toy data written by code);
     else `url` downloaded into `download_dir` with BEIR's downloader.
+
+    `splits=None` uses every `qrels/*.tsv` of the folder; `eval_split` must then be one of them
+    (or `dev` carved by `dev_from_train`), and `max_queries` entries naming splits the folder
+    lacks are ignored, since a budget is written without knowing which splits a folder has.
+    `unknown_qrels` ("error" | "drop") decides what a qrels row naming an unknown id does.
     """
+    check_unknown_qrels(unknown_qrels)  # before any download
     folder: Path | None = Path(path) if path else None
     if folder is None or not folder.is_dir():
         if generator is not None:
@@ -122,7 +156,24 @@ def load_dataset(
             folder = _download(url, download_dir or "data", name)
         else:
             raise DataError(f"data.path={path!r} for dataset {name!r} is not a folder and no data.url is set")
-    data = load_beir(folder, list(splits), name=name)
+    if splits is None:
+        found = available_splits(folder)
+        will_have = found + (["dev"] if dev_from_train and "dev" not in found else [])
+        # Checked before reading the corpus, which can take minutes on a large folder.
+        if found and eval_split not in will_have:
+            raise DataError(
+                f"{folder}: data.eval_split={eval_split!r} is not among the splits found in its qrels/ "
+                f"({found}; data.splits=null uses every qrels/*.tsv); set data.eval_split=<one of them>"
+            )
+        if max_queries:
+            ignored = sorted(s for s in max_queries if s not in will_have)
+            if ignored:
+                log.info("data.max_queries: %s not in %s (splits %s); ignored", ignored, folder, will_have)
+            max_queries = {s: n for s, n in max_queries.items() if s in will_have}
+        # None when qrels/ has no .tsv: load_beir then raises its "no qrels file found" error
+        data = load_beir(folder, found or None, name=name, unknown_qrels=unknown_qrels)
+    else:
+        data = load_beir(folder, list(splits), name=name, unknown_qrels=unknown_qrels)
     if dev_from_train:
         carve_dev(data, "train", float(dev_from_train["fraction"]), int(dev_from_train["seed"]))
     subset(data, max_docs, max_queries, seed)

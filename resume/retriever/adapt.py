@@ -11,18 +11,19 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from resume.data import Split
+from resume.retriever.contrastive import ContrastiveModule
+from resume.retriever.sampler import UniqueDocBatchSampler
+from resume.utils.lightning import make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -61,142 +62,6 @@ def training_pairs(split: Split, doc_texts: Mapping[str, str], min_grade: int = 
             f"text in doc_texts (e.g. {sorted(set(missing))[:5]}); summarize every judged document first"
         )
     return pairs
-
-
-class _Batch:
-    """A batch being packed: its pairs, their documents, and the documents relevant to their queries."""
-
-    def __init__(self, doc_ids: list[Hashable], relevant: list[frozenset]) -> None:
-        self.doc_ids, self.relevant = doc_ids, relevant
-        self.items: list[int] = []
-        self.docs: set[Hashable] = set()
-        self.blocked: set[Hashable] = set()
-
-    def fits(self, i: int) -> bool:
-        return self.doc_ids[i] not in self.blocked and self.relevant[i].isdisjoint(self.docs)
-
-    def add(self, i: int) -> None:
-        self.items.append(i)
-        self.docs.add(self.doc_ids[i])
-        self.blocked.update(self.relevant[i])
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-class UniqueDocBatchSampler(Sampler[list[int]]):
-    """Seeded shuffled batches in which no pair's document is relevant to another pair's query.
-
-    Pair `i` has document `doc_ids[i]` and the set `relevant[i]` of documents judged relevant
-    to its query (default `{doc_ids[i]}`); pairs `i` and `j` may share a batch only if
-    `doc_ids[j] not in relevant[i]` and `doc_ids[i] not in relevant[j]`. So a batch never
-    holds two pairs of one document (their positives would be false negatives of each other),
-    nor, when `relevant` is given, two pairs of one query or a document relevant to another
-    batch query.
-
-    Packing (greedy, O(n) for realistic data): the pairs are permuted with
-    `numpy.random.default_rng([seed, epoch])`; each batch first takes the pairs that were
-    set aside earlier (oldest first), then fills up from the permutation; a pair that does
-    not fit is set aside for a later batch. Every pair is used exactly once per epoch; only
-    the last batches can be smaller than `batch_size` (`drop_last` drops those, and their
-    pairs, for this epoch). The batch count can therefore differ between epochs by a few.
-
-    Epochs work as with `DistributedSampler`: call `set_epoch(e)` before iterating (the same
-    epoch always gives the same batches). With `num_replicas > 1` every rank builds the same
-    plan of GLOBAL batches of `batch_size * num_replicas` pairs (no document twice across the
-    ranks' concurrent batches, so negatives gathered across devices hold no false negative)
-    and takes slice `rank` of each, split as evenly as possible: every rank takes the same
-    number of steps. A last global batch with fewer pairs than ranks is dropped (at most
-    `num_replicas - 1` pairs skipped that epoch).
-    """
-
-    def __init__(
-        self,
-        doc_ids: Sequence[Hashable],
-        batch_size: int,
-        seed: int = 0,
-        drop_last: bool = False,
-        *,
-        relevant: Sequence[Collection[Hashable]] | None = None,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size ({batch_size}) must be >= 1")
-        if relevant is not None and len(relevant) != len(doc_ids):
-            raise ValueError(f"relevant has {len(relevant)} entries for {len(doc_ids)} doc_ids; give one per pair")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank ({rank}) must be in [0, num_replicas={num_replicas})")
-        self.doc_ids = list(doc_ids)
-        self.relevant = [
-            frozenset(relevant[i]) | {d} if relevant is not None else frozenset([d]) for i, d in enumerate(self.doc_ids)
-        ]
-        self.batch_size = batch_size
-        self.seed = seed
-        self.drop_last = drop_last
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def plan(self, epoch: int | None = None) -> list[list[int]]:
-        """All (global) batches of `epoch` (default: the current one), before the split across replicas."""
-        epoch = self.epoch if epoch is None else epoch
-        if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, self._pack(epoch, self.batch_size * self.num_replicas))
-        return self._cache[1]
-
-    def _pack(self, epoch: int, batch_size: int) -> list[list[int]]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.doc_ids)).tolist()
-        stream = iter(order)
-        # Pairs set aside, grouped by (doc, relevant): members of one group are interchangeable and
-        # conflict with each other, so a batch tries one per group (cheap even with 10k pairs of one doc).
-        waiting: dict[tuple[Hashable, frozenset], deque[int]] = {}
-        batches: list[list[int]] = []
-        exhausted = False
-        while waiting or not exhausted:
-            batch = _Batch(self.doc_ids, self.relevant)
-            for key in list(waiting):
-                if len(batch) == batch_size:
-                    break
-                group = waiting[key]
-                if batch.fits(group[0]):
-                    batch.add(group.popleft())
-                    if not group:
-                        del waiting[key]
-            while len(batch) < batch_size:
-                i = next(stream, None)
-                if i is None:
-                    exhausted = True
-                    break
-                if batch.fits(i):
-                    batch.add(i)
-                else:
-                    waiting.setdefault((self.doc_ids[i], self.relevant[i]), deque()).append(i)
-            if batch.items:
-                batches.append(batch.items)
-        if self.drop_last:
-            batches = [b for b in batches if len(b) == batch_size]
-        return batches
-
-    def _local(self) -> list[list[int]]:
-        batches = self.plan()
-        if self.num_replicas == 1:
-            return batches
-        return [
-            [int(i) for i in np.array_split(np.array(b), self.num_replicas)[self.rank]]
-            for b in batches
-            if len(b) >= self.num_replicas
-        ]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._local())
-
-    def __len__(self) -> int:
-        return len(self._local())
 
 
 @dataclass
@@ -272,23 +137,6 @@ class PairData(pl.LightningDataModule):
         return DataLoader(self.pairs, batch_sampler=sampler, collate_fn=self.collate, num_workers=0)
 
 
-# Trainer arguments adapt_retriever owns: set them through its own parameters instead.
-_OWNED_TRAINER_KEYS = ("max_epochs", "max_steps", "logger", "reload_dataloaders_every_n_epochs", "use_distributed_sampler")
-
-
-@contextmanager
-def _fit_settings(
-    retriever: Any, optimizer: Callable[..., torch.optim.Optimizer], warmup_ratio: float, gather: bool
-) -> Iterator[None]:
-    """The retriever's optimizer, warmup and negative gathering for one fit; its own settings come back afterwards."""
-    saved = retriever.optimizer_factory, retriever.warmup_ratio, retriever.gather_negatives
-    retriever.optimizer_factory, retriever.warmup_ratio, retriever.gather_negatives = optimizer, warmup_ratio, gather
-    try:
-        yield
-    finally:
-        retriever.optimizer_factory, retriever.warmup_ratio, retriever.gather_negatives = saved
-
-
 def adapt_retriever(
     retriever: Any,
     pairs: Sequence[Pair],
@@ -329,7 +177,7 @@ def adapt_retriever(
             Extra `hard_negatives` are drawn per device, outside that device's relevant documents only.
         optimizer: a factory `params -> Optimizer` replacing `AdamW(lr, weight_decay)`.
         trainer_kwargs: more `pytorch_lightning.Trainer` arguments (accelerator, devices, precision,
-            strategy, gradient_clip_val, ...); the keys in `_OWNED_TRAINER_KEYS` are set here instead.
+            strategy, gradient_clip_val, ...); epochs, steps, loggers and data loading are set here.
         loggers: Lightning logger(s) receiving the per-step `retriever/train/*` metrics.
 
     Returns:
@@ -354,39 +202,37 @@ def adapt_retriever(
     if not any(p.requires_grad for p in retriever.parameters()):
         raise ValueError("the retriever has no trainable parameter (frozen as a reward model?); "
                          "call retriever.requires_grad_(True) before adapting it")
-    extra = dict(trainer_kwargs or {})
-    owned = sorted(k for k in extra if k in _OWNED_TRAINER_KEYS)
-    if owned:
-        raise ValueError(
-            f"trainer_kwargs sets {owned}, which adapt_retriever controls; use adaptation.epochs / "
-            f"adaptation.max_steps and the loggers argument instead"
-        )
-    kwargs: dict[str, Any] = {
-        "accelerator": "auto",
-        "devices": 1,
-        "precision": "32-true",
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "log_every_n_steps": 1,
-        **extra,
-        "max_epochs": epochs,
-        "max_steps": max_steps,
-        "logger": loggers if loggers else False,
-        "reload_dataloaders_every_n_epochs": 1,  # a fresh, correctly sized batch plan every epoch
-        "use_distributed_sampler": False,  # UniqueDocBatchSampler shards across ranks itself
-    }
-    trainer = pl.Trainer(**kwargs)
+    trainer = make_trainer(
+        trainer_kwargs,
+        defaults={
+            "accelerator": "auto",
+            "devices": 1,
+            "precision": "32-true",
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1,
+        },
+        owned={
+            "max_epochs": epochs,
+            "max_steps": max_steps,
+            "logger": loggers if loggers else False,
+            "reload_dataloaders_every_n_epochs": 1,  # a fresh, correctly sized batch plan every epoch
+            "use_distributed_sampler": False,  # UniqueDocBatchSampler shards across ranks itself
+        },
+        owner="adapt_retriever",
+        fix="use adaptation.epochs / adaptation.max_steps and the loggers argument instead",
+    )
     collate = PairCollator(retriever.tokenize, hard_negatives, doc_texts if hard_negatives else {}, seed)
     data = PairData(pairs, collate, batch_size, seed, drop_last)
     opt = optimizer or functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+    module = ContrastiveModule(retriever, opt, warmup_ratio=warmup_ratio, gather_negatives=gather_negatives)
     device, was_training = retriever.device, retriever.training
     t0 = time.perf_counter()
     try:
-        with _fit_settings(retriever, opt, warmup_ratio, gather_negatives):
-            retriever.train()  # dropout on; Lightning 2.x keeps whatever mode the module arrives in
-            trainer.fit(retriever, datamodule=data)
+        module.train()  # dropout on; Lightning 2.x keeps whatever mode the module arrives in
+        trainer.fit(module, datamodule=data)
     finally:
         retriever.to(device)
         retriever.train(was_training)

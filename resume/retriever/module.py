@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from resume.assets import resolve_model
-from resume.retriever.loss import info_nce
+from resume.utils.devices import resolve_device
 from resume.utils.hashing import fingerprint_state
+from resume.utils.hf import load_or_init
 from resume.utils.io import atomic_save_pretrained, load_pretrained_into
+from resume.utils.tiny import wordpiece_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,9 @@ class DenseRetriever(pl.LightningModule):
     Receives a built encoder and tokenizer. Encoding is batched, length-sorted (less
     padding), runs under inference mode and returns L2-normalised float32 CPU tensors.
 
-    Training (retriever adaptation, `resume.retriever.adapt.adapt_retriever`): `training_step`
-    takes a batch `{"query": {input_ids, attention_mask}, "doc": {...}}` whose doc rows
-    `0..B-1` are the positives of the `B` queries (rows `B..` extra negatives) and minimises
-    `info_nce` at `temperature`; `configure_optimizers` calls `optimizer_factory` (e.g.
-    `functools.partial(torch.optim.AdamW, lr=1e-5)`) with two parameter groups, 1-D tensors
-    (biases, LayerNorm) without weight decay, plus a linear warmup over the first
-    `warmup_ratio` of the steps when `warmup_ratio > 0`.
+    It does not train itself: retriever adaptation (`resume.retriever.adapt.adapt_retriever`)
+    wraps it in `resume.retriever.contrastive.ContrastiveModule` for one fit, as GRPO wraps the
+    summarizer; `temperature` is the InfoNCE temperature that adaptation uses for this model.
     """
 
     def __init__(
@@ -75,7 +71,6 @@ class DenseRetriever(pl.LightningModule):
         doc_prefix: str = "",
         precision: str = "auto",
         name: str = "",
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         temperature: float = 0.05,
     ) -> None:
         super().__init__()
@@ -90,47 +85,11 @@ class DenseRetriever(pl.LightningModule):
         self.doc_prefix = doc_prefix
         self.precision_mode = precision
         self.name = name
-        self.optimizer_factory = optimizer
-        self.temperature = temperature
-        self.warmup_ratio = 0.0  # fraction of the fit's steps with linear lr warmup (set per fit by adapt_retriever)
-        self.gather_negatives = False  # score the other devices' documents too (set per fit by adapt_retriever)
+        self.temperature = temperature  # InfoNCE temperature of adaptation: tuned with the model, so kept with it
         # The HF pooler head (BertModel.pooler: dense + tanh on [CLS]) is never read by `pool`; frozen, it
         # gets no optimizer state and DDP does not wait for gradients it will never receive.
         if isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
             encoder.pooler.requires_grad_(False)
-
-    # ----------------------------------------------------------------- training
-    def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
-        q = self(batch["query"]["input_ids"], batch["query"]["attention_mask"])
-        d = self(batch["doc"]["input_ids"], batch["doc"]["attention_mask"])
-        offset = 0
-        if self.gather_negatives and self.trainer.world_size > 1:
-            d, offset = gather_rows(d)
-        loss, stats = info_nce(q, d, self.temperature, positive_offset=offset, prefix="retriever/train/")
-        stats["retriever/train/lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
-        stats["retriever/train/negatives"] = float(d.size(0) - 1)  # per query: in-batch + extra
-        self.log_dict(stats, batch_size=q.size(0), on_step=True, on_epoch=False)
-        return loss
-
-    def configure_optimizers(self) -> Any:
-        if self.optimizer_factory is None:
-            raise ValueError(
-                "DenseRetriever has no optimizer factory; train it through resume.retriever.adapt.adapt_retriever "
-                "(which supplies AdamW from adaptation.lr) or set retriever.optimizer "
-                "({_target_: torch.optim.AdamW, _partial_: true, lr: 1e-5})"
-            )
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for _, p in params if p.ndim >= 2]},
-            {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},  # biases, LayerNorm: no decay
-        ]
-        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
-        if self.warmup_ratio <= 0:
-            return optimizer
-        warmup = max(1, math.ceil(self.warmup_ratio * self.trainer.estimated_stepping_batches))
-        # linear warmup then constant: the paper names only AdamW and its lr, no schedule
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- encoding
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -232,23 +191,6 @@ class DenseRetriever(pl.LightningModule):
                             folder, {k: mine[k] for k in keys})
 
 
-def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Rows of `x` from every rank, concatenated in rank order, with gradients flowing back to each
-    rank's own rows; and where this rank's rows start. Ranks may hold different row counts."""
-    import torch.distributed as dist
-    from torch.distributed.nn.functional import all_gather
-
-    world, rank = dist.get_world_size(), dist.get_rank()
-    count = torch.tensor([x.size(0)], device=x.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    width = max(sizes)
-    padded = torch.cat([x, x.new_zeros(width - x.size(0), x.size(1))]) if width > x.size(0) else x
-    parts = all_gather(padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
-
-
 def build_retriever(
     model: str | None = None,
     pooling: Pooling = "mean",
@@ -263,36 +205,17 @@ def build_retriever(
     `tokenizer` defaults to `model`; with `config` and no tokenizer, a tiny WordPiece tokenizer
     is built offline (tests).
     """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    if (model is None) == (config is None):
-        raise ValueError("set exactly one of retriever.model (name or folder) and retriever.config (random init)")
-    if model is not None:
-        path = resolve_model(model)
-        log.info("retriever: loading %s from %s", model, path)
-        encoder = AutoModel.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer) if tokenizer else path)
-        name = model
-    else:
-        if tokenizer is not None:
-            tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
-        else:
-            from resume.utils.tiny import wordpiece_tokenizer
-
-            tok = wordpiece_tokenizer(tempfile.mkdtemp(prefix="resume-tok-"))
-        cfg = dict(config)
-        model_type = cfg.pop("model_type", "bert")
-        hf_cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), **cfg)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            encoder = AutoModel.from_config(hf_cfg)
-        name = f"random-{model_type}"
+    encoder, tok, name = load_or_init(
+        AutoModel,
+        model=model,
+        config=config,
+        tokenizer=tokenizer,
+        tiny_tokenizer=lambda: wordpiece_tokenizer(tempfile.mkdtemp(prefix="resume-tok-")),
+        seed=seed,
+        what="retriever",
+        default_type="bert",
+    )
     retriever = DenseRetriever(encoder, tok, pooling=pooling, name=kwargs.pop("name", None) or name, **kwargs)
     return retriever.to(resolve_device(device))
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> the first CUDA GPU when one is visible, else the CPU; anything else as torch reads it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

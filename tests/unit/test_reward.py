@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import BertTokenizer
 
-from resume.reward import (
+from resume.rewards import (
     DEFAULT_EDGES,
     DEFAULT_VALUES,
     RetrievalReward,

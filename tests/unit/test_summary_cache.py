@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from resume.cache import SummaryCache, SummaryCacheError, doc_hash
+from resume.summaries.cache import SummaryCache, SummaryCacheError, doc_hash
 
 KEY = {
     "fingerprint": "abc123",
@@ -52,7 +52,7 @@ def test_partial_last_line_is_dropped_reported_and_cut(tmp_path, caplog):
     cache.append([rec("d1"), rec("d2")])
     with open(cache.path, "a", encoding="utf-8") as f:  # a write cut by a kill: no newline
         f.write(json.dumps(rec("d3"))[:25])
-    with caplog.at_level(logging.WARNING, logger="resume.cache"):
+    with caplog.at_level(logging.WARNING, logger="resume.summaries.cache"):
         reopened = SummaryCache(tmp_path, KEY)
     assert "partial last line" in caplog.text and "summaries.jsonl:3" in caplog.text
     assert reopened.dropped_partial is not None and reopened.dropped_partial.startswith('{"doc_id": "d3"')
@@ -101,7 +101,7 @@ def test_changed_document_is_not_done(tmp_path, caplog):
     cache = SummaryCache(tmp_path, KEY)
     cache.append([rec("d1", text="old text"), rec("d2", text="same")])
     current = {"d1": doc_hash("", "new text"), "d2": doc_hash("", "same")}
-    with caplog.at_level(logging.WARNING, logger="resume.cache"):
+    with caplog.at_level(logging.WARNING, logger="resume.summaries.cache"):
         done = cache.done(current)
     assert set(done) == {"d2"}
     assert "different text" in caplog.text and "'d1' (line 1)" in caplog.text

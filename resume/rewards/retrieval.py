@@ -1,266 +1,38 @@
-"""The ReSuMe reward: structure term + discretised retrieval delta.
+"""The ReSuMe reward object: structure term + discretised retrieval delta, on a frozen retriever.
 
 Implements METHOD.md, "Reward for one sampled summary" and "Ablation readings":
 
     r(s, d) = StructureReward(s) + r_phi(Delta),
     Delta   = RetScore(s) - RetScore(d),
-    RetScore(x) = sum_{q+} S(q, x) / (sum_{q+} S(q, x) + sum_{q-} S(q, x)),
 
-with S the frozen retriever's cosine clamped at 0, q+ the training queries relevant to d
-and q- `n_negatives` training queries drawn uniformly from the rest. The maths are plain
-functions on tensors (`structure_reward`, `ret_score`, `discretize`, `bucket_index`);
+with q+ the training queries relevant to d and q- `n_negatives` training queries drawn
+uniformly from the rest. The maths are plain functions (`structure.py`, `retscore.py`);
 `RetrievalReward` joins them to a retriever, the training split and a seeded sampler, and
 is a TRL-style keyword reward callable.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from resume.diagnostics import query_overlap, repetition_score
+from resume.rewards.batch import RewardBatch
+from resume.rewards.diagnostics import query_overlap, repetition_score
+from resume.rewards.retscore import (
+    DEFAULT_EDGES,
+    DEFAULT_VALUES,
+    RETSCORE_MODES,
+    bucket_index,
+    check_buckets,
+    discretize,
+    ret_score,
+)
+from resume.rewards.structure import StructureConfig, as_structure
 from resume.summarizer.parsing import SEPARATOR, parse_completion
-
-# Interior edges of the discrete mapping r_phi: bucket i is [edges[i-1], edges[i]),
-# the outer buckets are open-ended, so Delta = 1.0 lands in the top bucket.
-DEFAULT_EDGES: tuple[float, ...] = (-0.5, -0.2, -0.1, 0.0, 0.1, 0.2, 0.5)
-DEFAULT_VALUES: tuple[float, ...] = (-1.0, -0.8, -0.6, -0.3, 0.3, 0.6, 0.8, 1.0)
-RETSCORE_MODES: tuple[str, ...] = ("ratio", "positives_only")
-
-
-# ----------------------------------------------------------------------------- structure
-
-
-def structure_reward(
-    num_tokens: int | None,
-    *,
-    min_tokens: int = 64,
-    max_tokens: int = 128,
-    in_range: float = 1.0,
-    over: float = 0.9,
-    under: float = 0.3,
-    missing: float = -1.0,
-) -> float:
-    """StructureReward of a summary of `num_tokens` retriever tokens (None: no separator).
-
-    `min_tokens..max_tokens` inclusive -> `in_range`; longer -> `over`; shorter (an empty
-    summary included) -> `under`; separator missing -> `missing`.
-    """
-    if num_tokens is None:
-        return missing
-    if num_tokens < 0:
-        raise ValueError(f"num_tokens ({num_tokens}) must be >= 0, or None when the separator is missing")
-    if num_tokens < min_tokens:
-        return under
-    if num_tokens > max_tokens:
-        return over
-    return in_range
-
-
-@dataclass(frozen=True)
-class StructureConfig:
-    """Parameters of `structure_reward`; the `reward.structure` node of the config."""
-
-    min_tokens: int = 64
-    max_tokens: int = 128
-    in_range: float = 1.0
-    over: float = 0.9
-    under: float = 0.3
-    missing: float = -1.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(
-                f"structure window [{self.min_tokens}, {self.max_tokens}] must satisfy "
-                "0 <= min_tokens <= max_tokens; fix reward.structure.min_tokens / max_tokens"
-            )
-
-    def __call__(self, num_tokens: int | None) -> float:
-        return structure_reward(num_tokens, **{f.name: getattr(self, f.name) for f in fields(self)})
-
-
-def _as_structure(structure: StructureConfig | Mapping[str, Any] | None) -> StructureConfig:
-    if structure is None:
-        return StructureConfig()
-    if isinstance(structure, StructureConfig):
-        return structure
-    known = {f.name for f in fields(StructureConfig)}
-    unknown = sorted(set(structure) - known)
-    if unknown:
-        raise ValueError(f"unknown reward.structure keys {unknown}; allowed keys are {sorted(known)}")
-    return StructureConfig(**dict(structure))
-
-
-# ----------------------------------------------------------------------------- RetScore
-
-
-def ret_score(
-    pos_sims: Tensor,
-    neg_sims: Tensor,
-    *,
-    pos_mask: Tensor | None = None,
-    clamp: bool = True,
-    mode: str = "ratio",
-) -> Tensor:
-    """RetScore of B texts from their similarities to positive [B, P] and negative [B, N] queries.
-
-    `pos_mask` [B, P] (bool) marks the real positives when rows have different numbers of
-    them (padding is ignored). With `clamp`, every similarity is clamped at 0 first, so a
-    negative cosine neither rewards nor punishes. Modes:
-    - "ratio": sum_pos / (sum_pos + sum_neg), 0 where the denominator is 0;
-    - "positives_only": mean similarity over the positives (0 for a row without any),
-      the w/o-negatives ablation; `neg_sims` is ignored.
-    """
-    if mode not in RETSCORE_MODES:
-        raise ValueError(f"retscore mode {mode!r} is not one of {RETSCORE_MODES}")
-    if pos_sims.ndim != 2 or neg_sims.ndim != 2 or pos_sims.shape[0] != neg_sims.shape[0]:
-        raise ValueError(
-            f"pos_sims {tuple(pos_sims.shape)} and neg_sims {tuple(neg_sims.shape)} must be [B, P] and [B, N]"
-        )
-    if pos_mask is not None and (pos_mask.shape != pos_sims.shape or pos_mask.dtype != torch.bool):
-        raise ValueError(
-            f"pos_mask must be a bool tensor shaped like pos_sims {tuple(pos_sims.shape)}, "
-            f"got {pos_mask.dtype} {tuple(pos_mask.shape)}"
-        )
-    if clamp:
-        pos_sims, neg_sims = pos_sims.clamp_min(0), neg_sims.clamp_min(0)
-    if pos_mask is not None:
-        pos_sims = pos_sims.masked_fill(~pos_mask, 0)
-        count = pos_mask.sum(dim=1)
-    else:
-        count = torch.full((pos_sims.shape[0],), pos_sims.shape[1], device=pos_sims.device)
-    pos_sum = pos_sims.sum(dim=1)
-    if mode == "positives_only":
-        return torch.where(count > 0, pos_sum / count.clamp_min(1), torch.zeros_like(pos_sum))
-    denom = pos_sum + neg_sims.sum(dim=1)
-    nonzero = denom != 0
-    return torch.where(nonzero, pos_sum / torch.where(nonzero, denom, torch.ones_like(denom)), 0.0)
-
-
-# ----------------------------------------------------------------------------- discrete mapping
-
-
-def _check_edges(edges: Sequence[float]) -> tuple[float, ...]:
-    edges = tuple(float(e) for e in edges)
-    if not all(math.isfinite(e) for e in edges):
-        raise ValueError(f"bucket_edges {list(edges)} must be finite numbers")
-    if any(b <= a for a, b in itertools.pairwise(edges)):
-        raise ValueError(
-            f"bucket_edges {list(edges)} must be strictly increasing (bucket i is "
-            "[edges[i-1], edges[i])); sort them and drop duplicates, keeping bucket_values in step"
-        )
-    return edges
-
-
-def _check_buckets(
-    edges: Sequence[float], values: Sequence[float]
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    edges = _check_edges(edges)
-    values = tuple(float(v) for v in values)
-    if len(values) != len(edges) + 1:
-        raise ValueError(
-            f"bucket_values has {len(values)} entries but bucket_edges has {len(edges)}: k interior "
-            f"edges make k+1 buckets, so give exactly {len(edges) + 1} values (one per bucket)"
-        )
-    return edges, values
-
-
-def bucket_index(delta: Tensor, edges: Sequence[float] = DEFAULT_EDGES) -> Tensor:
-    """Bucket (0..len(edges)) of each Delta, left-closed: edges[i-1] <= delta < edges[i].
-
-    Values below the first edge are bucket 0, values at or above the last edge the top
-    bucket. NaN maps to -1. Comparisons use `delta`'s own floating dtype, so a float32
-    Delta equal to float32(0.1) is in the [0.1, 0.2) bucket.
-    """
-    edges = _check_edges(edges)
-    if not delta.is_floating_point():
-        delta = delta.to(torch.float32)
-    boundaries = torch.tensor(edges, dtype=delta.dtype, device=delta.device)
-    index = torch.bucketize(delta, boundaries, right=True)
-    return torch.where(torch.isnan(delta), torch.full_like(index, -1), index)
-
-
-def discretize(
-    delta: Tensor, edges: Sequence[float] = DEFAULT_EDGES, values: Sequence[float] = DEFAULT_VALUES
-) -> Tensor:
-    """The discrete mapping r_phi(Delta): the value of each Delta's bucket (NaN stays NaN)."""
-    edges, values = _check_buckets(edges, values)
-    if not delta.is_floating_point():
-        delta = delta.to(torch.float32)
-    index = bucket_index(delta, edges)
-    table = torch.tensor(values, dtype=delta.dtype, device=delta.device)
-    out = table[index.clamp_min(0)]
-    return torch.where(index < 0, torch.full_like(out, math.nan), out)
-
-
-# ----------------------------------------------------------------------------- batch of rewards
-
-
-@dataclass
-class RewardBatch:
-    """Per-completion reward terms (all on CPU; float32 unless noted).
-
-    Completions without the separator have `num_tokens` = -1, `bucket` = -1 and NaN for
-    `delta`, `ret_score_summary`, `repetition` and `query_overlap` (the summary is never
-    encoded); their `retrieval` term is the configured penalty (-1).
-    """
-
-    total: Tensor  # structure + retrieval
-    structure: Tensor
-    retrieval: Tensor  # r_phi(Delta), or Delta itself without discretization
-    delta: Tensor
-    ret_score_summary: Tensor
-    ret_score_doc: Tensor
-    num_tokens: Tensor  # long; retriever tokens of the summary
-    has_separator: Tensor  # bool
-    bucket: Tensor  # long; bucket of Delta in the discrete mapping
-    repetition: Tensor  # diagnostics.repetition_score of the summary
-    query_overlap: Tensor  # diagnostics.query_overlap of the summary with the doc's q+
-    negative_qids: list[tuple[str, ...]]  # q- used for each completion (shared by a doc's group)
-    num_buckets: int = len(DEFAULT_VALUES)
-
-    def __len__(self) -> int:
-        return self.total.shape[0]
-
-    def log_dict(self, prefix: str) -> dict[str, float]:
-        """Batch statistics under `prefix/` (NaN where a statistic has no completion to average).
-
-        Length, Delta, RetScore(s) and diagnostics average over completions with a
-        separator; `bucket_i` is the fraction of ALL completions in bucket i (the buckets
-        plus `1 - separator_rate` sum to 1).
-        """
-
-        def mean(x: Tensor) -> float:
-            return float(x.float().mean()) if x.numel() else math.nan
-
-        valid = self.has_separator
-        stats = {
-            "reward_mean": mean(self.total),
-            "reward_std": float(self.total.std(unbiased=False)) if len(self) else math.nan,
-            "reward_min": float(self.total.min()) if len(self) else math.nan,
-            "reward_max": float(self.total.max()) if len(self) else math.nan,
-            "structure_mean": mean(self.structure),
-            "retrieval_mean": mean(self.retrieval),
-            "delta_mean": mean(self.delta[valid]),
-            "ret_score_summary_mean": mean(self.ret_score_summary[valid]),
-            "ret_score_doc_mean": mean(self.ret_score_doc),
-            "separator_rate": mean(valid),
-            "length_mean": mean(self.num_tokens[valid]),
-            "repetition_mean": mean(self.repetition[valid]),
-            "query_overlap_mean": mean(self.query_overlap[valid]),
-        }
-        for i in range(self.num_buckets):
-            stats[f"bucket_{i}"] = mean(self.bucket == i)
-        return {f"{prefix}/{key}": value for key, value in stats.items()}
-
-
-# ----------------------------------------------------------------------------- reward object
 
 
 class Retriever(Protocol):
@@ -282,6 +54,74 @@ def _completion_text(completion: Any) -> str:
     raise TypeError(
         f"a completion must be a string or a list of chat messages, got {type(completion).__name__}"
     )
+
+
+def _check_retriever(retriever: Any) -> None:
+    for name in ("encode_queries", "encode_documents"):
+        if not callable(getattr(retriever, name, None)):
+            raise TypeError(f"retriever {type(retriever).__name__} has no callable `{name}(texts)`")
+    if getattr(retriever, "tokenizer", None) is None:
+        raise TypeError(
+            f"retriever {type(retriever).__name__} has no `tokenizer`: the structure reward counts "
+            "summary tokens with the retriever's tokenizer"
+        )
+
+
+def _check_settings(separator: str, retscore: str, n_negatives: int) -> int:
+    """Reject reward settings that cannot work together; returns `n_negatives`."""
+    if not separator:
+        raise ValueError("reward.separator must be a non-empty string, e.g. '</think>'")
+    if retscore not in RETSCORE_MODES:
+        raise ValueError(f"reward.retscore={retscore!r} is not one of {RETSCORE_MODES}")
+    if n_negatives < 0:
+        raise ValueError(f"reward.n_negatives ({n_negatives}) must be >= 0")
+    if retscore == "ratio" and n_negatives == 0:
+        raise ValueError(
+            "reward.retscore=ratio with reward.n_negatives=0: without negative queries RetScore = "
+            "sum_pos / sum_pos is identically 1, so Delta carries no signal; set reward.n_negatives>=1, "
+            "or reward.retscore=positives_only for the w/o-negatives ablation"
+        )
+    if retscore == "positives_only" and n_negatives > 0:
+        raise ValueError(
+            f"reward.retscore=positives_only ignores negatives, but reward.n_negatives={n_negatives} "
+            "would sample and encode them for nothing; set reward.n_negatives=0"
+        )
+    return n_negatives
+
+
+def _positive_index(
+    qids: Sequence[str], qrels: Mapping[str, Mapping[str, int]], doc_texts: Mapping[str, str]
+) -> dict[str, list[int]]:
+    """doc id -> sorted indices (into `qids`) of its training queries with grade >= 1."""
+    qindex = {qid: i for i, qid in enumerate(qids)}
+    positives: dict[str, set[int]] = {}
+    for qid, judged in qrels.items():
+        if qid not in qindex:
+            raise ValueError(
+                f"qrels name query {qid!r}, which is not in `queries`: the reward must be built from "
+                "the training split only, with qrels and queries of the same split; pass the training "
+                "qrels (dev/test queries must never reach the reward)"
+            )
+        for doc_id, grade in judged.items():
+            if grade >= 1 and doc_id in doc_texts:
+                positives.setdefault(doc_id, set()).add(qindex[qid])
+    if not positives:
+        raise ValueError(
+            "no document of doc_texts has a training query with grade >= 1, so nothing can be "
+            "rewarded; check that doc_texts and the training qrels use the same doc ids"
+        )
+    return {d: sorted(ix) for d, ix in sorted(positives.items())}
+
+
+def _check_negative_pool(positives: Mapping[str, list[int]], n_queries: int, n_negatives: int) -> None:
+    worst = max(positives, key=lambda d: len(positives[d]))
+    pool = n_queries - len(positives[worst])
+    if n_negatives > pool:
+        raise ValueError(
+            f"reward.n_negatives ({n_negatives}) exceeds the negative pool of document {worst!r}: "
+            f"{n_queries} training queries minus {len(positives[worst])} relevant ones "
+            f"leave {pool}; set reward.n_negatives<={pool}"
+        )
 
 
 class RetrievalReward:
@@ -315,40 +155,16 @@ class RetrievalReward:
         missing_retrieval: float = -1.0,
         seed: int = 0,
     ) -> None:
-        for name in ("encode_queries", "encode_documents"):
-            if not callable(getattr(retriever, name, None)):
-                raise TypeError(f"retriever {type(retriever).__name__} has no callable `{name}(texts)`")
-        if getattr(retriever, "tokenizer", None) is None:
-            raise TypeError(
-                f"retriever {type(retriever).__name__} has no `tokenizer`: the structure reward counts "
-                "summary tokens with the retriever's tokenizer"
-            )
-        if not separator:
-            raise ValueError("reward.separator must be a non-empty string, e.g. '</think>'")
-        if retscore not in RETSCORE_MODES:
-            raise ValueError(f"reward.retscore={retscore!r} is not one of {RETSCORE_MODES}")
-        n_negatives = int(n_negatives)
-        if n_negatives < 0:
-            raise ValueError(f"reward.n_negatives ({n_negatives}) must be >= 0")
-        if retscore == "ratio" and n_negatives == 0:
-            raise ValueError(
-                "reward.retscore=ratio with reward.n_negatives=0: without negative queries RetScore = "
-                "sum_pos / sum_pos is identically 1, so Delta carries no signal; set reward.n_negatives>=1, "
-                "or reward.retscore=positives_only for the w/o-negatives ablation"
-            )
-        if retscore == "positives_only" and n_negatives > 0:
-            raise ValueError(
-                f"reward.retscore=positives_only ignores negatives, but reward.n_negatives={n_negatives} "
-                "would sample and encode them for nothing; set reward.n_negatives=0"
-            )
+        _check_retriever(retriever)
+        n_negatives = _check_settings(separator, retscore, int(n_negatives))
         self.retriever = retriever
         self.separator = separator
-        self.structure = _as_structure(structure)
+        self.structure = as_structure(structure)
         self.n_negatives = n_negatives
         self.retscore = retscore
         self.discrete = bool(discrete)
         self.clamp_similarity = bool(clamp_similarity)
-        self.bucket_edges, self.bucket_values = _check_buckets(bucket_edges, bucket_values)
+        self.bucket_edges, self.bucket_values = check_buckets(bucket_edges, bucket_values)
         self.missing_retrieval = float(missing_retrieval)
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(self.seed)
@@ -356,32 +172,8 @@ class RetrievalReward:
         self._query_texts = queries
         # Sorted ids: the sample depends on the seed and the split, not on mapping order.
         self._qids: list[str] = sorted(queries)
-        qindex = {qid: i for i, qid in enumerate(self._qids)}
-        positives: dict[str, set[int]] = {}
-        for qid, judged in qrels.items():
-            if qid not in qindex:
-                raise ValueError(
-                    f"qrels name query {qid!r}, which is not in `queries`: the reward must be built from "
-                    "the training split only, with qrels and queries of the same split; pass the training "
-                    "qrels (dev/test queries must never reach the reward)"
-                )
-            for doc_id, grade in judged.items():
-                if grade >= 1 and doc_id in doc_texts:
-                    positives.setdefault(doc_id, set()).add(qindex[qid])
-        self._positives: dict[str, list[int]] = {d: sorted(ix) for d, ix in sorted(positives.items())}
-        if not self._positives:
-            raise ValueError(
-                "no document of doc_texts has a training query with grade >= 1, so nothing can be "
-                "rewarded; check that doc_texts and the training qrels use the same doc ids"
-            )
-        worst = max(self._positives, key=lambda d: len(self._positives[d]))
-        pool = len(self._qids) - len(self._positives[worst])
-        if n_negatives > pool:
-            raise ValueError(
-                f"reward.n_negatives ({n_negatives}) exceeds the negative pool of document {worst!r}: "
-                f"{len(self._qids)} training queries minus {len(self._positives[worst])} relevant ones "
-                f"leave {pool}; set reward.n_negatives<={pool}"
-            )
+        self._positives = _positive_index(self._qids, qrels, doc_texts)
+        _check_negative_pool(self._positives, len(self._qids), n_negatives)
         self._query_cache: dict[str, Tensor] = {}
         self._doc_cache: dict[str, Tensor] = {}
         self.last_batch: RewardBatch | None = None  # the latest __call__'s terms, for logging

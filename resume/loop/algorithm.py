@@ -6,67 +6,28 @@
                    evaluate on dev; stop when the improvement < epsilon
 
 Experiments differ only in configuration (how many iterations, which phases are set,
-which corpus view the final evaluation indexes); this module never branches on an
-experiment's name. Every finished phase leaves a record in `<run>/phases/`, so a killed
+which rows are evaluated on the way, which corpus view the final evaluation indexes); this
+module never branches on an experiment's or a row's name. Every finished phase leaves a record in `<run>/phases/`, so a killed
 run restarted with the same command resumes at the phase where it stopped; summaries and
 corpus embeddings are cached by content, so nothing finished is computed twice.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 
 from resume.data import RetrievalData
-from resume.utils.io import atomic_write_json
+from resume.loop.config import LoopConfig
+from resume.loop.records import PhaseRecords
 
 log = logging.getLogger(__name__)
-
-STOP_METRICS = ("reward_mean", "dev/mrr@10", "dev/ndcg@10")
-
-
-@dataclass
-class LoopConfig:
-    max_iterations: int = 0             # T; 0 = evaluate the initial models only (baseline, fixed summary)
-    stop_on: str = "reward_mean"        # the improvement watched for early stopping
-    epsilon: float = 0.0                # stop when the watched value improves by less than this
-    min_iterations: int = 1             # never stop before this many iterations
-    paper_rows: bool = False            # also evaluate the intermediate states that are paper rows
-    seed: int = 0                       # every phase starts from seed-derived RNG states (see _phase)
-
-    def __post_init__(self) -> None:
-        if self.max_iterations < 0:
-            raise ValueError(f"loop.max_iterations={self.max_iterations} must be >= 0")
-        if self.stop_on not in STOP_METRICS:
-            raise ValueError(f"loop.stop_on={self.stop_on!r} must be one of {STOP_METRICS}")
-
-
-class PhaseRecords:
-    """One JSON file per finished phase; its presence means the phase's outputs are complete."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def get(self, name: str) -> dict[str, Any] | None:
-        path = self.folder / f"{name}.json"
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RuntimeError(f"{path}: corrupt phase record ({e}); delete it to redo that phase") from None
-
-    def put(self, name: str, record: dict[str, Any]) -> None:
-        atomic_write_json(self.folder / f"{name}.json", record)
 
 
 class Loop:
@@ -103,6 +64,19 @@ class Loop:
         self.out_dir = Path(out_dir)
         self.cache_dir = Path(cache_dir)
         self.eval_splits = [s for s in dict.fromkeys(eval_splits) if s in data.splits]
+        for point in self.config.eval_points:
+            missing = [s for s in point.splits if s not in data.splits]
+            if missing:
+                raise ValueError(
+                    f"loop.eval_points row {point.row!r} names split(s) {missing}, which dataset {data.name!r} "
+                    f"lacks (have {sorted(data.splits)}); fix its `splits`"
+                )
+            if point.view == "summaries" and (summarizer is None or summarize is None):
+                raise ValueError(f"loop.eval_points row {point.row!r} indexes summaries: set a summarizer")
+        metric = self.config.stop_metric
+        known = getattr(evaluator, "metrics", None)
+        if metric is not None and known is not None and metric not in known:
+            raise ValueError(f"loop.stop_on={self.config.stop_on!r}: {metric!r} is not one of eval.metrics {list(known)}")
         self.row_name = row_name
         self.corpus_view = corpus_view
         self._build_summarizer = summarizer
@@ -178,13 +152,8 @@ class Loop:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
         cfg = self.config
-        rows: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = self._points(0, "summarized")
         iterations: list[dict[str, Any]] = []
-        paper = cfg.paper_rows and cfg.max_iterations > 0
-        test_splits = [s for s in self.eval_splits if s != "dev"] or self.eval_splits
-        if paper:
-            rows += self.evaluate_row("baseline", self.documents(), "documents", test_splits)
-            rows += self.evaluate_row("fixed_summary", self.summaries("iter0"), "summaries", test_splits)
         previous: float | None = None
         for t in range(1, cfg.max_iterations + 1):
             it: dict[str, Any] = {"iteration": t}
@@ -197,8 +166,7 @@ class Loop:
                     lambda rec: self.summarizer.load_weights(rec["summarizer"]),
                 )
             texts = self.summaries(f"iter{t}")
-            if paper and t == 1:  # theta_1 with the original retriever: the paper's "Non-iterative" row
-                rows += self.evaluate_row("non_iterative", texts, "summaries", test_splits)
+            rows += self._points(t, "summarized")
             if self.adapt_fn is not None:
                 folder = self.out_dir / f"iter{t}" / "retriever"
                 it["adapt"] = self._phase(
@@ -207,12 +175,14 @@ class Loop:
                                                              "retriever": str(folder)},
                     lambda rec: self.retriever.load_weights(rec["retriever"]),
                 )
-            if "dev" in self.data.splits:
-                dev = self.evaluate_row(f"iter{t}", texts, "summaries", ["dev"])[0]
-                it["dev"] = dev["metrics"]
+            rows += self._points(t, "adapted")
+            select = cfg.select_split
+            if select is not None and select in self.data.splits:
+                it[select] = self.evaluate_row(f"iter{t}", texts, "summaries", [select])[0]["metrics"]
             it["summaries"] = self.summary_stats.get(f"iter{t}", {})
             iterations.append(it)
-            self.log_metrics({"loop/iteration": t, **{f"loop/dev/{k}": v for k, v in it.get("dev", {}).items()}}, t)
+            selected = it.get(select, {}) if select is not None else {}
+            self.log_metrics({"loop/iteration": t, **{f"loop/{select}/{k}": v for k, v in selected.items()}}, t)
             watched = self._watched(it)
             if watched is not None and previous is not None and t >= cfg.min_iterations and watched - previous < cfg.epsilon:
                 log.info("stopping after iteration %d: %s improved by %.4f < epsilon %.4f", t, cfg.stop_on, watched - previous, cfg.epsilon)
@@ -221,9 +191,25 @@ class Loop:
             previous = watched if watched is not None else previous
         final_texts = self.documents() if self.corpus_view == "documents" else self.summaries(f"iter{len(iterations)}")
         rows += self.evaluate_row(self.row_name, final_texts, self.corpus_view)
-        return {"rows": rows, "iterations": iterations, "summaries": self.summary_stats, "seconds": self.phase_seconds}
+        outcome = {"rows": rows, "iterations": iterations, "summaries": self.summary_stats, "seconds": self.phase_seconds}
+        unreached = [p.row for p in cfg.eval_points if p.iteration > len(iterations)]
+        if unreached:  # said in the results, never silently dropped
+            log.warning("eval points %s were not reached: the loop ran %d iterations", unreached, len(iterations))
+            outcome["unreached_eval_points"] = unreached
+        return outcome
+
+    def _points(self, iteration: int, stage: str) -> list[dict[str, Any]]:
+        """The configured rows evaluated at this moment of the loop (in config order)."""
+        rows: list[dict[str, Any]] = []
+        for point in self.config.eval_points:
+            if point.iteration != iteration or point.stage != stage:
+                continue
+            texts = self.documents() if point.view == "documents" else self.summaries(f"iter{iteration}")
+            rows += self.evaluate_row(point.row, texts, point.view, list(point.splits) or None)
+        return rows
 
     def _watched(self, it: Mapping[str, Any]) -> float | None:
-        if self.config.stop_on == "reward_mean":
+        metric = self.config.stop_metric
+        if metric is None:
             return it.get("grpo", {}).get("reward_mean")
-        return it.get("dev", {}).get(self.config.stop_on.split("/", 1)[1])
+        return it.get(self.config.select_split, {}).get(metric)

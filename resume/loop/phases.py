@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from resume.data import RetrievalData
-from resume.diagnostics import repetition_score
-from resume.summarize import summarize_corpus, summary_stats
+from resume.retriever.adapt import training_pairs
+from resume.rewards.diagnostics import repetition_score
+from resume.summaries.corpus import summarize_corpus
+from resume.summaries.stats import summary_stats
 from resume.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,6 @@ def make_adapt(
     loggers: Any = None,
 ) -> Callable[[Any, Mapping[str, str], int, Path], dict[str, Any]]:
     """Contrastive fine-tuning on (training query, indexed text of a relevant document); saves the retriever."""
-    from resume.retriever.adapt import training_pairs
-
     split = data.split(train_split)
 
     def run(retriever: Any, texts: Mapping[str, str], iteration: int, folder: Path) -> dict[str, Any]:
@@ -84,17 +83,15 @@ def make_grpo(
 
     `reward` is the configured factory (`conf/reward/`); it receives the training queries and
     qrels alone, so dev and test queries can never reach the reward. `grpo` is `run_grpo`'s
-    factory (`conf/grpo/`); it exports the trained summarizer to `<folder>`.
+    factory (`conf/grpo/`, `resume.grpo.run_grpo`); it exports the trained summarizer to `<folder>`.
     """
     split = data.split(train_split)
     doc_texts = data.full_texts()
 
     def run(summarizer: Any, retriever: Any, iteration: int, folder: Path) -> dict[str, Any]:
         model = reward(retriever=retriever, doc_texts=doc_texts, queries=split.queries, qrels=split.qrels)
-        # a fresh seed per iteration: otherwise every round replays the same documents and samples
-        config = getattr(grpo, "keywords", {}).get("config")
-        extra = {"config": replace(config, seed=config.seed + 1000 * iteration)} if config is not None else {}
-        stats = grpo(summarizer, model, data.corpus, out_dir=folder.parent, loggers=loggers, **extra)
+        # `iteration` reseeds the run: otherwise every round replays the same documents and samples
+        stats = grpo(summarizer, model, data.corpus, out_dir=folder.parent, loggers=loggers, iteration=iteration)
         if Path(stats.get("summarizer", folder)) != folder:
             raise RuntimeError(f"GRPO exported the summarizer to {stats['summarizer']}, expected {folder}")
         if log_metrics is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from resume.data import RetrievalData
-from resume.metrics import METRICS, evaluate, write_trec_run
+from resume.evaluation.metrics import METRICS, evaluate, write_trec_run
 from resume.retriever.index import FlatIPIndex, encode_corpus
 from resume.utils.hashing import fingerprint_texts
 from resume.utils.io import atomic_write_json

@@ -30,6 +30,7 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "masked_mean",
+    "microbatch_weight",
     "per_token_loss",
     "reduce_loss",
     "sequence_logps",
@@ -283,6 +284,21 @@ def reduce_loss(
         count = mask.sum() if num_active_tokens is None else torch.as_tensor(num_active_tokens)
         return masked.sum() / count.to(per_token.dtype).clamp(min=1.0)
     raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types: {', '.join(LOSS_TYPES)}")
+
+
+def microbatch_weight(loss_type: str, rows: int, batch_rows: int) -> float:
+    """Factor on a micro-batch's loss when one rollout batch of `batch_rows` sequences is
+    accumulated over micro-batches, so the summed gradient is the whole batch's.
+
+    `dapo` already divides by the whole batch's token count (pass it as `num_active_tokens`):
+    1. The other normalisations are per micro-batch: weight by its share of the sequences
+    (exact for `grpo` and `dr_grpo`; `bnpo` then averages per-micro-batch token means).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types: {', '.join(LOSS_TYPES)}")
+    if not 0 < rows <= batch_rows:
+        raise ValueError(f"a micro-batch of {rows} rows does not fit a batch of {batch_rows}")
+    return 1.0 if loss_type == "dapo" else rows / batch_rows
 
 
 def grpo_loss(

@@ -1,0 +1,8 @@
+"""GRPO of the summarizer: `config.py` (GRPOConfig), `loss.py` (advantages, clipped surrogate, KL,
+TRL's normalisations), `rollouts.py` (documents per step, packing), `module.py` (GRPOModule, one
+step), `callbacks.py`, `history.py` (stats, curves, samples), `lora.py`, `trainer.py` (run_grpo)."""
+
+from resume.grpo.config import GRPOConfig
+from resume.grpo.trainer import run_grpo
+
+__all__ = ["GRPOConfig", "run_grpo"]

@@ -1,0 +1,34 @@
+"""Lightning callbacks of the GRPO trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+
+class StepCheckpoint(pl.Callback):
+    """Write `<dirpath>/last.ckpt` every `every` optimizer steps and after the last one.
+
+    The file is written beside its final name and renamed, so a crash while saving never leaves a
+    checkpoint that cannot be loaded. Saved at `on_train_batch_end`, as Lightning's own
+    ModelCheckpoint does, so the trainer resumes with the next batch.
+    """
+
+    def __init__(self, dirpath: str | Path, every: int) -> None:
+        self.dirpath = Path(dirpath)
+        self.every = every
+
+    @property
+    def last(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every and step < trainer.max_steps:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        tmp = self.dirpath / ".last.ckpt.tmp"
+        trainer.save_checkpoint(tmp)
+        tmp.replace(self.last)

@@ -1,0 +1,123 @@
+"""`GRPOConfig`: the hyper-parameters of one GRPO run, validated before any model work.
+
+Names follow TRL's `GRPOConfig` where one exists; `__post_init__` rejects bad values and
+combinations with the fix in the message, as TRL's does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from resume.grpo.loss import ADVANTAGE_KINDS, LOSS_TYPES
+
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+# Fields that may differ between a checkpoint and the run resuming it (they do not change the steps taken).
+RESUMABLE_CHANGES = (
+    "steps",
+    "log_completions_every",
+    "log_completions_rows",
+    "val_every",
+    "val_max_docs",
+    "checkpoint_every",
+)
+
+
+@dataclass
+class GRPOConfig:
+    """Hyper-parameters of one GRPO run (names follow TRL's `GRPOConfig` where one exists).
+
+    Rollout sampling is the summarizer's `rollout_generation` with the non-null overrides
+    below (`temperature`, `top_p`, `top_k`, `max_new_tokens`), `num_return_sequences =
+    num_generations` and `seed = seed + step`.
+    """
+
+    steps: int = 20  # GRPO steps = rollout batches (each makes num_iterations optimizer steps)
+    num_generations: int = 4  # k, completions per prompt (the group)
+    prompts_per_step: int = 4  # documents per rollout batch; batch = prompts_per_step * k sequences
+    num_iterations: int = 1  # mu, optimisation passes over each rollout batch (TRL num_iterations)
+    mini_batch_size: int | None = None  # sequences per forward/backward (gradient accumulation); None = all
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo (TRL names; dapo is TRL 1.16's default)
+    epsilon_low: float = 0.2  # clip range below 1
+    epsilon_high: float = 0.2  # clip range above 1 (DAPO's clip-higher uses 0.28)
+    delta: float | None = None  # optional cap on the unclipped ratio (TRL delta); None = off
+    beta: float = 0.0  # KL coefficient to the frozen initial policy (k3); 0 = no reference model
+    kl_ratio_correction: bool = True  # weight the KL by the ratio (TRL use_bias_correction_kl)
+    advantage: str = "zscore"  # zscore (standard GRPO) | softmax (the paper's Eq. 1)
+    advantage_temperature: float = 0.5  # softmax temperature (the paper's beta = 0.5)
+    scale_rewards: bool = True  # zscore: divide by the group std (False = Dr. GRPO)
+    max_grad_norm: float | None = 1.0  # gradient clipping; None = no clipping (the norm is still logged)
+    temperature: float | None = None  # rollout sampling overrides; None = summarizer.rollout_generation's
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int | None = None
+    gradient_checkpointing: bool = False  # recompute activations in backward (memory for compute)
+    lora: dict[str, Any] | None = None  # None = full fine-tuning; else {r, alpha, dropout, target_modules}
+    log_completions_every: int = 10  # write a table of sample completions every N steps; 0 = never
+    log_completions_rows: int = 32  # rows per table (whole groups first)
+    val_every: int = 10  # greedy validation every N steps (step 0 and the end included); 0 = never
+    val_max_docs: int | None = 32  # cap on the held-out validation documents
+    checkpoint_every: int = 10  # write checkpoints/last.ckpt every N steps (and at the end); 0 = never
+    seed: int = 0  # rollout sampling, negatives, dropout and document order all derive from it
+
+    def __post_init__(self) -> None:
+        def fail(rule: str) -> None:
+            raise ValueError(f"{rule}; fix grpo.config in the config (conf/grpo/*.yaml)")
+
+        def at_least(name: str, low: int, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or value < low:
+                fail(f"{name} ({value}) must be an integer >= {low}" + (" or null" if allow_none else ""))
+
+        if not isinstance(self.num_generations, int) or self.num_generations < 2:
+            fail(
+                f"num_generations ({self.num_generations}) must be >= 2 for group-relative advantages: "
+                "set num_generations>=2"
+            )
+        for name in ("steps", "prompts_per_step", "num_iterations"):
+            at_least(name, 1)
+        at_least("mini_batch_size", 1, allow_none=True)
+        for name in ("log_completions_every", "log_completions_rows", "val_every", "checkpoint_every"):
+            at_least(name, 0)
+        at_least("val_max_docs", 1, allow_none=True)
+        at_least("max_new_tokens", 1, allow_none=True)
+        at_least("top_k", 0, allow_none=True)
+        if self.loss_type not in LOSS_TYPES:
+            fail(f"loss_type={self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        if self.advantage not in ADVANTAGE_KINDS:
+            fail(f"advantage={self.advantage!r} is not one of {', '.join(ADVANTAGE_KINDS)}")
+        if self.advantage_temperature <= 0:
+            fail(f"advantage_temperature ({self.advantage_temperature}) must be > 0")
+        if self.epsilon_low < 0 or self.epsilon_high < 0:
+            fail(f"epsilon_low ({self.epsilon_low}) and epsilon_high ({self.epsilon_high}) must be >= 0")
+        if self.epsilon_low >= 1:
+            fail(f"epsilon_low ({self.epsilon_low}) must be < 1: the lower clip bound is 1 - epsilon_low")
+        if self.delta is not None and self.delta <= 1 + self.epsilon_high:
+            fail(f"delta ({self.delta}) must be > 1 + epsilon_high ({1 + self.epsilon_high}), or null (off)")
+        if self.beta < 0:
+            fail(f"beta ({self.beta}) must be >= 0 (0 disables the KL term and the reference model)")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            fail(f"max_grad_norm ({self.max_grad_norm}) must be > 0, or null for no clipping")
+        if self.temperature is not None and self.temperature <= 0:
+            fail(f"temperature ({self.temperature}) must be > 0: GRPO samples its groups")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            fail(f"top_p ({self.top_p}) must be in (0, 1]")
+        if self.lora is not None:
+            self.lora = dict(self.lora)
+            unknown = sorted(set(self.lora) - set(LORA_KEYS))
+            if unknown:
+                fail(f"lora has unknown keys {unknown}; allowed keys are {list(LORA_KEYS)}")
+            if not isinstance(self.lora.get("r", 8), int) or self.lora.get("r", 8) < 1:
+                fail(f"lora.r ({self.lora.get('r')}) must be an integer >= 1")
+            if isinstance(self.lora.get("target_modules"), Sequence) and not isinstance(
+                self.lora["target_modules"], str
+            ):
+                self.lora["target_modules"] = list(self.lora["target_modules"])
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per rollout batch."""
+        return self.prompts_per_step * self.num_generations
