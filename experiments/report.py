@@ -5,8 +5,10 @@
 Each table cell is the mean over seeds (± sample std when there are several). Significance
 is a paired two-sided randomisation test (sign flipping, 10,000 draws, fixed seed) of
 per-query nDCG@10 against the baseline row on the same data and split, per-query values
-averaged over the seeds both rows share; Table 3 compares each ablation with the full model. Every table names the corpus it indexed and its
-size, the query count and the models.
+averaged over the seeds both rows share; Table 3 compares each ablation with the full model.
+Every table names the corpus it indexed and its size, the query count and the models. The rows
+come from the configs: Table 1 is `experiment=iterative`'s evaluation points and its own row,
+Table 3 every `conf/ablation/*.yaml`.
 """
 
 from __future__ import annotations
@@ -21,15 +23,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-PAPER_ROWS = ["baseline", "fixed_summary", "non_iterative", "iterative"]
-ABLATIONS = ["none", "no_adaptation", "no_negatives", "no_discrete_reward"]
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def table1_rows(conf: Path = CONF) -> list[str]:
+    """Table 1's rows as the configs define them: the evaluation points of `experiment=iterative`,
+    then its own row (a row added there as a YAML entry shows up here too)."""
+    exp = yaml.safe_load((conf / "experiment" / "iterative.yaml").read_text())
+    points = [p["row"] for p in exp.get("loop", {}).get("eval_points", [])]
+    return [*points, exp["experiment_name"]]
+
+
+def ablation_names(conf: Path = CONF) -> list[str]:
+    """Table 3's rows: every `conf/ablation/*.yaml`, in the paper's order (new ones after, by name)."""
+    names = [
+        yaml.safe_load(f.read_text())["ablation_name"] for f in sorted((conf / "ablation").glob("*.yaml"))
+    ]
+    order = list(ABLATION_LABELS)
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
 ABLATION_LABELS = {
     "none": "Full model",
     "no_adaptation": "w/o retrieval adaptation",
     "no_negatives": "w/o negative queries",
     "no_discrete_reward": "w/o discrete reward",
 }
+PAPER_ROWS = table1_rows()
+ABLATIONS = ablation_names()
 TABLE1_METRICS = ["mrr@10", "ndcg@10", "recall@100", "recall@1000"]
 TABLE2_METRICS = ["mrr@10", "ndcg@10", "recall@100"]
 
@@ -41,11 +64,15 @@ def find_results(folders: Iterable[str | Path]) -> list[tuple[Path, dict[str, An
             try:
                 found.append((path, json.loads(path.read_text())))
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}: not valid JSON ({e}); a run still writing? delete or finish it") from None
+                raise SystemExit(
+                    f"{path}: not valid JSON ({e}); a run still writing? delete or finish it"
+                ) from None
     return found
 
 
-def collect(found: list[tuple[Path, dict[str, Any]]]) -> dict[tuple[str, str, str, str], list[dict[str, Any]]]:
+def collect(
+    found: list[tuple[Path, dict[str, Any]]],
+) -> dict[tuple[str, str, str, str], list[dict[str, Any]]]:
     """(data, split, row, ablation) -> one entry per seed: metrics, per-query file, corpus, models."""
     groups: dict[tuple[str, str, str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for path, res in found:
@@ -55,10 +82,17 @@ def collect(found: list[tuple[Path, dict[str, Any]]]) -> dict[tuple[str, str, st
             if not pq.is_absolute() or not pq.exists():
                 pq = path.parent / "runs" / pq.name
             groups[key][int(res.get("seed", 0))] = {  # a later file for the same seed replaces an earlier one
-                "metrics": row["metrics"], "per_query": pq if pq.exists() else None, "corpus": row["corpus"],
-                "num_queries": row["num_queries"], "budget": res.get("budget"),
-                "models": {"retriever": res.get("retriever", {}).get("name"), "summarizer": (res.get("summarizer") or {}).get("name")},
-                "iterations": res.get("iterations", []), "run": str(path.parent),
+                "metrics": row["metrics"],
+                "per_query": pq if pq.exists() else None,
+                "corpus": row["corpus"],
+                "num_queries": row["num_queries"],
+                "budget": res.get("budget"),
+                "models": {
+                    "retriever": res.get("retriever", {}).get("name"),
+                    "summarizer": (res.get("summarizer") or {}).get("name"),
+                },
+                "iterations": res.get("iterations", []),
+                "run": str(path.parent),
             }
     return {k: [v[s] | {"seed": s} for s in sorted(v)] for k, v in groups.items()}
 
@@ -93,7 +127,9 @@ def cell(entries: list[dict[str, Any]], metric: str) -> tuple[str, float]:
     return text, mean
 
 
-def significance(groups, data: str, split: str, row: str, ablation: str, ref: tuple[str, str], metric: str = "ndcg@10") -> str:
+def significance(
+    groups, data: str, split: str, row: str, ablation: str, ref: tuple[str, str], metric: str = "ndcg@10"
+) -> str:
     """Mean per-query difference in `metric` of (row, ablation) against the reference (row, ablation),
     with the paired randomisation p-value, over the queries and seeds both share."""
     base = groups.get((data, split, *ref))
@@ -110,8 +146,16 @@ def significance(groups, data: str, split: str, row: str, ablation: str, ref: tu
     return f"{(x - y).mean():+.4f} (p={p:.3g}{'*' if p < 0.05 else ''})"
 
 
-def table(groups, data: str, split: str, rows: list[tuple[str, str, str]], metrics: list[str], title: str,
-          ref: tuple[str, str] = ("baseline", "none"), ref_label: str = "baseline") -> tuple[str, list[list[str]]]:
+def table(
+    groups,
+    data: str,
+    split: str,
+    rows: list[tuple[str, str, str]],
+    metrics: list[str],
+    title: str,
+    ref: tuple[str, str] = ("baseline", "none"),
+    ref_label: str = "baseline",
+) -> tuple[str, list[list[str]]]:
     """rows: (label, row name, ablation); the significance column compares each row with `ref`."""
     header = ["run", *metrics, f"Δ nDCG@10 vs {ref_label} (paired)", "seeds", "corpus indexed", "queries"]
     md = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -122,16 +166,33 @@ def table(groups, data: str, split: str, rows: list[tuple[str, str, str]], metri
             continue
         cells = [cell(entries, m)[0] for m in metrics]
         corpus = entries[0]["corpus"]
-        line = [label, *cells, significance(groups, data, split, row, ablation, ref), str(len(entries)),
-                f"{corpus['name']} ({corpus['size']} docs)", str(entries[0]["num_queries"])]
+        line = [
+            label,
+            *cells,
+            significance(groups, data, split, row, ablation, ref),
+            str(len(entries)),
+            f"{corpus['name']} ({corpus['size']} docs)",
+            str(entries[0]["num_queries"]),
+        ]
         md.append("| " + " | ".join(line) + " |")
         out.append(line)
     if len(md) == 4:
         md.append("| (no finished runs) |" + " |" * (len(header) - 1))
-    budgets = sorted({str(e["budget"]) for (d, s, _, _), es in groups.items() if d == data and s == split for e in es})
-    models = sorted({json.dumps(e["models"], sort_keys=True) for (d, s, _, _), es in groups.items() if d == data for e in es})
-    note = ("Δ: mean per-query difference and paired randomisation p over the queries and the seeds both rows "
-            "share (cells average all of a row's seeds)")
+    budgets = sorted(
+        {str(e["budget"]) for (d, s, _, _), es in groups.items() if d == data and s == split for e in es}
+    )
+    models = sorted(
+        {
+            json.dumps(e["models"], sort_keys=True)
+            for (d, s, _, _), es in groups.items()
+            if d == data
+            for e in es
+        }
+    )
+    note = (
+        "Δ: mean per-query difference and paired randomisation p over the queries and the seeds both rows "
+        "share (cells average all of a row's seeds)"
+    )
     md += ["", note, f"budget: {'; '.join(budgets)}", f"models: {'; '.join(models)}", ""]
     return "\n".join(md), out
 
@@ -149,10 +210,12 @@ def plot_iterations(groups, out: Path) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     written = []
-    panels = [("reward", lambda it: it.get("grpo", {}).get("reward_mean")),
-              ("dev MRR@10", lambda it: it.get("dev", {}).get("mrr@10")),
-              ("summary length (retriever tokens)", lambda it: it.get("summaries", {}).get("summary_tokens_mean")),
-              ("separator failure rate", lambda it: it.get("summaries", {}).get("separator_failure_rate"))]
+    panels = [
+        ("reward", lambda it: it.get("grpo", {}).get("reward_mean")),
+        ("dev MRR@10", lambda it: it.get("dev", {}).get("mrr@10")),
+        ("summary length (retriever tokens)", lambda it: it.get("summaries", {}).get("summary_tokens_mean")),
+        ("separator failure rate", lambda it: it.get("summaries", {}).get("separator_failure_rate")),
+    ]
     for (data, split, row, ablation), entries in groups.items():
         if row != "iterative" or split != eval_split_of(groups, data):
             continue
@@ -160,7 +223,12 @@ def plot_iterations(groups, out: Path) -> list[Path]:
         for ax, (name, get) in zip(axes, panels):
             for e in entries:
                 xs = [it["iteration"] for it in e["iterations"] if get(it) is not None]
-                ax.plot(xs, [get(it) for it in e["iterations"] if get(it) is not None], marker="o", label=f"seed {e['seed']}")
+                ax.plot(
+                    xs,
+                    [get(it) for it in e["iterations"] if get(it) is not None],
+                    marker="o",
+                    label=f"seed {e['seed']}",
+                )
             ax.set_title(name)
             ax.set_xlabel("iteration")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -179,10 +247,24 @@ def paper_tables(groups, data: str) -> list[tuple[str, str, list[list[str]]]]:
     out-of-domain NFCorpus, without R@1000) against the baseline, and Table 3 against the full model."""
     split = eval_split_of(groups, data)
     main_name, metrics = ("table2", TABLE2_METRICS) if data == "nfcorpus" else ("table1", TABLE1_METRICS)
-    t1, c1 = table(groups, data, split, [(r, r, "none") for r in PAPER_ROWS], metrics,
-                   f"{main_name.replace('table', 'Table ')} – {data} ({split})")
-    t3, c3 = table(groups, data, split, [(ABLATION_LABELS[a], "iterative", a) for a in ABLATIONS], ["ndcg@10"],
-                   f"Table 3 – ablations – {data} ({split})", ref=("iterative", "none"), ref_label="full model")
+    t1, c1 = table(
+        groups,
+        data,
+        split,
+        [(r, r, "none") for r in PAPER_ROWS],
+        metrics,
+        f"{main_name.replace('table', 'Table ')} – {data} ({split})",
+    )
+    t3, c3 = table(
+        groups,
+        data,
+        split,
+        [(ABLATION_LABELS.get(a, a), "iterative", a) for a in ABLATIONS],
+        ["ndcg@10"],
+        f"Table 3 – ablations – {data} ({split})",
+        ref=("iterative", "none"),
+        ref_label="full model",
+    )
     return [(main_name, t1, c1), ("table3", t3, c3)]
 
 

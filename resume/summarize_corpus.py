@@ -74,14 +74,17 @@ def run(cfg: DictConfig) -> dict:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"shard.wait_minutes={cfg.shard.wait_minutes} passed with {len(docs) - n} of {len(docs)} "
-                    f"summaries missing from {cache.folder} (files: {[p.name for p in cache.files()]}); rerun the "
+                    f"summaries missing from {cache.folder} (files: {[p.name for p in cache.files()]}); "
+                    "rerun the "
                     "missing ranks (each resumes its own shard), then this one"
                 )
             log.info("waiting for the other shards (%d of %d summaries in the cache)", n, len(docs))
             time.sleep(min(30.0, max(1.0, deadline - time.monotonic())))
     merged = summarize_corpus(summarizer, docs, cfg.paths.cache_dir, fallback=cfg.summaries.fallback, **opts)
     if merged.n_generated:
-        raise RuntimeError(f"rank 0 had to generate {merged.n_generated} documents after every shard finished")
+        raise RuntimeError(
+            f"rank 0 had to generate {merged.n_generated} documents after every shard finished"
+        )
     out = {
         "shard": stats,
         "n_docs": len(docs),

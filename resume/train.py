@@ -45,22 +45,34 @@ def _check_run_folder(out: Path, resolved: str) -> None:
 def results_table(results: dict[str, Any]) -> str:
     """A Markdown table of the paper rows this run produced, labelled with its budget."""
     names = results["metric_names"]
-    lines = [f"budget: {results['budget']}", "",
-             "| row | ablation | split | corpus indexed | queries | " + " | ".join(names) + " |",
-             "|---|---|---|---|---|" + "---|" * len(names)]
+    lines = [
+        f"budget: {results['budget']}",
+        "",
+        "| row | ablation | split | corpus indexed | queries | " + " | ".join(names) + " |",
+        "|---|---|---|---|---|" + "---|" * len(names),
+    ]
     for row in results["rows"]:
         vals = " | ".join(f"{row['metrics'][m]:.4f}" for m in names)
         corpus = f"{row['corpus']['name']}: {row['corpus']['size']} {row['view']}"
-        lines.append(f"| {row['row']} | {results['ablation']} | {row['split']} | {corpus} | {row['num_queries']} | {vals} |")
+        lines.append(
+            f"| {row['row']} | {results['ablation']} | {row['split']} | {corpus} | {row['num_queries']} | "
+            f"{vals} |"
+        )
     return "\n".join(lines)
 
 
-def build_loop(cfg: DictConfig, data: Any, retriever: Any, out: Path, loggers: list[Any], log_metrics: Any) -> Any:
+def build_loop(
+    cfg: DictConfig, data: Any, retriever: Any, out: Path, loggers: list[Any], log_metrics: Any
+) -> Any:
     """Join the configured pieces into Algorithm 1; phases the experiment switches off stay None."""
     loop_cfg = LoopConfig(
-        max_iterations=cfg.loop.max_iterations, stop_on=cfg.loop.stop_on, epsilon=cfg.loop.epsilon,
-        min_iterations=cfg.loop.min_iterations, select_split=cfg.loop.select_split,
-        eval_points=OmegaConf.to_container(cfg.loop.eval_points, resolve=True), seed=cfg.seed,
+        max_iterations=cfg.loop.max_iterations,
+        stop_on=cfg.loop.stop_on,
+        epsilon=cfg.loop.epsilon,
+        min_iterations=cfg.loop.min_iterations,
+        select_split=cfg.loop.select_split,
+        eval_points=OmegaConf.to_container(cfg.loop.eval_points, resolve=True),
+        seed=cfg.seed,
     )
     tok = retriever.tokenizer
 
@@ -81,8 +93,11 @@ def build_loop(cfg: DictConfig, data: Any, retriever: Any, out: Path, loggers: l
         summarizer=lambda: instantiate(cfg.summarizer),
         summarize=make_summarize(data, cfg.paths.cache_dir, out, count_tokens, **cfg.summaries),
         grpo=make_grpo(instantiate(cfg.grpo), instantiate(cfg.reward), data, loggers, log_metrics)
-        if iterating and cfg.loop.grpo else None,
-        adapt=make_adapt(instantiate(cfg.adaptation), data, loggers=loggers) if iterating and cfg.loop.adapt else None,
+        if iterating and cfg.loop.grpo
+        else None,
+        adapt=make_adapt(instantiate(cfg.adaptation), data, loggers=loggers)
+        if iterating and cfg.loop.adapt
+        else None,
         log_metrics=log_metrics,
     )
 
@@ -142,8 +157,10 @@ def get_metric_value(results: dict[str, Any], optimized_metric: str) -> float:
     rows = [r for r in results["rows"] if r["split"] == split and r["row"] == results["experiment"]]
     if not metric or not rows or metric not in rows[-1]["metrics"]:
         have = sorted({f"{r['split']}/{m}" for r in results["rows"] for m in r["metrics"]})
-        raise ValueError(f"optimized_metric={optimized_metric!r} is not among this run's results {have}; "
-                         "set optimized_metric=<split>/<metric>")
+        raise ValueError(
+            f"optimized_metric={optimized_metric!r} is not among this run's results {have}; "
+            "set optimized_metric=<split>/<metric>"
+        )
     return float(rows[-1]["metrics"][metric])
 
 
@@ -157,12 +174,18 @@ def main(cfg: DictConfig) -> float | None:
         except Exception:  # noqa: BLE001
             err = traceback.format_exc()
             atomic_write_text(Path(cfg.paths.output_dir) / "error.txt", err)
-            log.error("job %s failed; the sweep goes on. Traceback in %s/error.txt\n%s",
-                      cfg.run_name, cfg.paths.output_dir, err)
+            log.error(
+                "job %s failed; the sweep goes on. Traceback in %s/error.txt\n%s",
+                cfg.run_name,
+                cfg.paths.output_dir,
+                err,
+            )
             return None
     else:
         results = run(cfg)
-    return get_metric_value(results, cfg.optimized_metric) if cfg.optimized_metric else None  # sweeper objective
+    return (
+        get_metric_value(results, cfg.optimized_metric) if cfg.optimized_metric else None
+    )  # sweeper objective
 
 
 if __name__ == "__main__":

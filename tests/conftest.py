@@ -50,7 +50,9 @@ def compose_in_tmp(tmp_path: Path):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
-    skip_real = pytest.mark.skip(reason=f"needs ../shared/data ({SHARED_DATA}) and the offline model packages")
+    skip_real = pytest.mark.skip(
+        reason=f"needs ../shared/data ({SHARED_DATA}) and the offline model packages"
+    )
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)

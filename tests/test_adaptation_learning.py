@@ -75,7 +75,9 @@ def test_infonce_adaptation_learns_toy_retrieval(compose_in_tmp, tmp_path: Path,
     unchanged = [n for n, p in retriever.named_parameters() if p.requires_grad and torch.equal(p, params[n])]
     assert not unchanged, f"parameters not updated: {unchanged}"
     assert not any(p.requires_grad for p in retriever.encoder.pooler.parameters())  # unused head stays frozen
-    assert not hasattr(retriever, "optimizer_factory")  # the fit's settings live in its ContrastiveModule only
+    assert not hasattr(
+        retriever, "optimizer_factory"
+    )  # the fit's settings live in its ContrastiveModule only
     assert retriever.training  # the mode it came in
 
 
@@ -87,20 +89,35 @@ def test_extra_negatives_warmup_step_cap_and_checkpoint(compose_in_tmp, tmp_path
     pairs = training_pairs(data.split("train"), texts)
     adapt = instantiate(cfg.adaptation)
     logger = CSVLogger(tmp_path / "logs", name="adapt", version="")
-    stats = adapt(retriever, pairs, batch_size=4, max_steps=3, hard_negatives=5, doc_texts=texts, warmup_ratio=0.5,
-                  trainer_kwargs={"accelerator": "cpu", "log_every_n_steps": 1}, loggers=[logger])
+    stats = adapt(
+        retriever,
+        pairs,
+        batch_size=4,
+        max_steps=3,
+        hard_negatives=5,
+        doc_texts=texts,
+        warmup_ratio=0.5,
+        trainer_kwargs={"accelerator": "cpu", "log_every_n_steps": 1},
+        loggers=[logger],
+    )
     assert stats["retriever/train/steps"] == 3 and stats["retriever/train/loss"] > 0
     assert not retriever.training  # eval mode restored
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [float(r["retriever/train/lr"]) for r in rows] == pytest.approx([0.5e-5, 1e-5, 1e-5])  # 2 warmup steps
+    assert [float(r["retriever/train/lr"]) for r in rows] == pytest.approx(
+        [0.5e-5, 1e-5, 1e-5]
+    )  # 2 warmup steps
     assert {float(r["retriever/train/negatives"]) for r in rows} == {3 + 5}  # in-batch + extra, per query
 
     # the adapted weights survive a checkpoint: in place (how the loop resumes) and as a model folder
     folder = retriever.save_pretrained(tmp_path / "iter1" / "retriever")
     probe = ["zesudo gemoki", data.corpus["d0_0"].full_text]
-    fresh = DenseRetriever(AutoModel.from_config(retriever.encoder.config), retriever.tokenizer,
-                           query_max_length=retriever.query_max_length, doc_max_length=retriever.doc_max_length)
+    fresh = DenseRetriever(
+        AutoModel.from_config(retriever.encoder.config),
+        retriever.tokenizer,
+        query_max_length=retriever.query_max_length,
+        doc_max_length=retriever.doc_max_length,
+    )
     assert (fresh.encode_documents(probe) - retriever.encode_documents(probe)).abs().max() > 1e-3
     fresh.load_weights(folder)
     assert torch.allclose(fresh.encode_documents(probe), retriever.encode_documents(probe), atol=1e-6)
@@ -131,8 +148,14 @@ def test_ddp_on_cpu_two_ranks_split_the_batches_and_stay_in_sync(compose_in_tmp,
     data_dir = write_toy(tmp_path / "toy", seed=0)
     helper = Path(__file__).parent / "helpers" / "ddp_adapt.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, str(helper), str(start), str(data_dir), str(tmp_path / "out"), "2"],
-                          check=False, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(helper), str(start), str(data_dir), str(tmp_path / "out"), "2"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
     seen = [q for r in ranks for b in r["batches"] for q in b]
@@ -145,15 +168,25 @@ def test_ddp_on_cpu_two_ranks_split_the_batches_and_stay_in_sync(compose_in_tmp,
     assert digest != ranks[0]["weights"]  # and they trained
 
 
-def _run_helper(tmp_path: Path, start: Path, data_dir: Path, name: str, devices: int, batch: int, gather: bool) -> dict:
+def _run_helper(
+    tmp_path: Path, start: Path, data_dir: Path, name: str, devices: int, batch: int, gather: bool
+) -> dict:
     import os
     import subprocess
     import sys
 
     helper = Path(__file__).parent / "helpers" / "ddp_adapt.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, str(helper), str(start), str(data_dir), str(tmp_path / name), str(devices), str(batch),
-           "gather" if gather else "nogather"]
+    cmd = [
+        sys.executable,
+        str(helper),
+        str(start),
+        str(data_dir),
+        str(tmp_path / name),
+        str(devices),
+        str(batch),
+        "gather" if gather else "nogather",
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(tmp_path / name / "weights.pt")

@@ -42,14 +42,21 @@ def test_every_experiment_and_ablation_composes(compose_in_tmp, experiment, abla
 
 @pytest.mark.parametrize("ablation", [a for a in ABLATIONS if a != "none"])
 def test_ablation_changes_only_its_own_keys(compose_in_tmp, ablation):
-    base = _flat(compose_in_tmp(["experiment=iterative" if "iterative" in EXPERIMENTS else "experiment=baseline"]))
+    base = _flat(
+        compose_in_tmp(["experiment=iterative" if "iterative" in EXPERIMENTS else "experiment=baseline"])
+    )
     abl_cfg = compose_in_tmp(
-        ["experiment=iterative" if "iterative" in EXPERIMENTS else "experiment=baseline", f"ablation={ablation}"]
+        [
+            "experiment=iterative" if "iterative" in EXPERIMENTS else "experiment=baseline",
+            f"ablation={ablation}",
+        ]
     )
     diff = {k for k in set(base) | set(_flat(abl_cfg)) if base.get(k) != _flat(abl_cfg).get(k)}
     text = (CONFIG_DIR / "ablation" / f"{ablation}.yaml").read_text()
     own = {k for k in diff if k.split(".")[-1] in text}
-    assert diff - {"ablation_name"} == own - {"ablation_name"}, f"{ablation} changes keys it does not name: {diff - own}"
+    assert diff - {"ablation_name"} == own - {"ablation_name"}, (
+        f"{ablation} changes keys it does not name: {diff - own}"
+    )
     assert "ablation_name" in diff
 
 
@@ -69,7 +76,9 @@ def test_data_configs_compose(compose_in_tmp, dataset):
 def test_offline_data_configs_point_at_shared_copies(compose_in_tmp):
     for name in ["scifact", "msmarco_dl19"]:
         cfg = compose_in_tmp([f"data={name}"])
-        assert Path(cfg.data.path).parts[-3:] == ("shared", "data", name) or "RESUME_SHARED_DATA" in str(cfg.data.path)
+        assert Path(cfg.data.path).parts[-3:] == ("shared", "data", name) or "RESUME_SHARED_DATA" in str(
+            cfg.data.path
+        )
 
 
 @pytest.mark.parametrize("logger", LOGGERS)
@@ -104,7 +113,11 @@ def test_notebooks_have_outputs_stripped():
 
     for nb in (CONFIG_DIR.parent / "notebooks").glob("*.ipynb"):
         cells = json.loads(nb.read_text())["cells"]
-        assert all(not c.get("outputs") and c.get("execution_count") is None for c in cells if c["cell_type"] == "code"), nb
+        assert all(
+            not c.get("outputs") and c.get("execution_count") is None
+            for c in cells
+            if c["cell_type"] == "code"
+        ), nb
 
 
 @pytest.mark.real
@@ -117,8 +130,12 @@ def test_default_budget_builds_its_data_and_reward(compose_in_tmp, ablation):
     data = instantiate(cfg.data)
     assert len(data.corpus) == cfg.data.max_docs
     train = data.split("train")
-    reward = instantiate(cfg.reward)(retriever=instantiate(cfg.retriever), doc_texts={d: doc.full_text for d, doc in data.corpus.items()},
-                                     queries=train.queries, qrels=train.qrels)
+    reward = instantiate(cfg.reward)(
+        retriever=instantiate(cfg.retriever),
+        doc_texts={d: doc.full_text for d, doc in data.corpus.items()},
+        queries=train.queries,
+        qrels=train.qrels,
+    )
     assert len(reward.rewardable_doc_ids()) >= cfg.grpo.config.prompts_per_step
 
 
@@ -141,14 +158,24 @@ PAPER = [e for e in EXPERIMENTS if e.startswith("paper_")]
 def test_paper_presets_hold_the_papers_settings(compose_in_tmp, experiment):
     cfg = compose_in_tmp([f"experiment={experiment}"])
     assert cfg.experiment_name == experiment.removeprefix("paper_")
-    assert (cfg.data.name, cfg.data.eval_split, cfg.data.max_docs, cfg.data.max_queries) == ("msmarco", "dev", None, None)
-    assert (cfg.summarizer.model, cfg.retriever.model) == ("Qwen/Qwen3-4B-Thinking-2507", "facebook/contriever")
+    assert (cfg.data.name, cfg.data.eval_split, cfg.data.max_docs, cfg.data.max_queries) == (
+        "msmarco",
+        "dev",
+        None,
+        None,
+    )
+    assert (cfg.summarizer.model, cfg.retriever.model) == (
+        "Qwen/Qwen3-4B-Thinking-2507",
+        "facebook/contriever",
+    )
     g = cfg.grpo
     assert (g.config.steps, g.config.prompts_per_step, g.optimizer.lr) == (200, 128, 3e-7)
     assert cfg.adaptation.lr == 1e-5 and cfg.budget.name == "full" and cfg.run_name.endswith("-paper")
     base = _flat(compose_in_tmp([f"experiment={experiment.removeprefix('paper_')}", "data=msmarco"]))
     flat = _flat(cfg)
-    assert {k: flat[k] for k in ("loop.max_iterations", "corpus_view")} == {k: base[k] for k in ("loop.max_iterations", "corpus_view")}
+    assert {k: flat[k] for k in ("loop.max_iterations", "corpus_view")} == {
+        k: base[k] for k in ("loop.max_iterations", "corpus_view")
+    }
 
 
 def test_slurm_launcher_preset_composes():

@@ -30,8 +30,17 @@ def _test_only_folder(tmp_path: Path) -> Path:
 
 def test_any_beir_folder_with_only_test_qrels_evaluates(tmp_path):
     folder = _test_only_folder(tmp_path)
-    cfg = compose_cfg(["experiment=baseline", "data=beir", f"data.path={folder}", "retriever=tiny",
-                       "logger=none", "eval.progress=false"], tmp_path)
+    cfg = compose_cfg(
+        [
+            "experiment=baseline",
+            "data=beir",
+            f"data.path={folder}",
+            "retriever=tiny",
+            "logger=none",
+            "eval.progress=false",
+        ],
+        tmp_path,
+    )
     assert "my-beir-copy" in cfg.run_name
     results = run(cfg)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -48,8 +57,14 @@ def test_beir_folder_with_unknown_qrels_loads_with_drop_and_records_it(tmp_path)
     folder = _test_only_folder(tmp_path)
     with (folder / "qrels" / "test.tsv").open("a") as f:
         f.write("q0_0\tno-such-doc\t1\nno-such-query\td0_0\t1\n")
-    overrides = ["experiment=baseline", "data=beir", f"data.path={folder}", "retriever=tiny", "logger=none",
-                 "eval.progress=false"]
+    overrides = [
+        "experiment=baseline",
+        "data=beir",
+        f"data.path={folder}",
+        "retriever=tiny",
+        "logger=none",
+        "eval.progress=false",
+    ]
     # instantiate() wraps the loader's DataError; its message (file:line and the fix) is kept
     unknown_doc = r"test.tsv:\d+: qrels name document 'no-such-doc'.*data.unknown_qrels=drop"
     with pytest.raises(InstantiationException, match=unknown_doc):

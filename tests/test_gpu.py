@@ -14,14 +14,26 @@ pytestmark = pytest.mark.gpu
 def test_smoke_loop_on_gpu_in_bf16(compose_in_tmp, tmp_path):
     """The whole loop on a GPU: bf16 encoding, GRPO in bf16-mixed over fp32 master weights,
     adaptation in bf16-mixed; every phase runs and the models sit on the GPU."""
-    cfg = compose_in_tmp(["debug=smoke", "logger=none", "summarizer.dtype=fp32",
-                          "grpo.trainer_kwargs.precision=bf16-mixed", "adaptation.trainer_kwargs.precision=bf16-mixed",
-                          "grpo.config.steps=2", "grpo.config.val_every=0"])
+    cfg = compose_in_tmp(
+        [
+            "debug=smoke",
+            "logger=none",
+            "summarizer.dtype=fp32",
+            "grpo.trainer_kwargs.precision=bf16-mixed",
+            "adaptation.trainer_kwargs.precision=bf16-mixed",
+            "grpo.config.steps=2",
+            "grpo.config.val_every=0",
+        ]
+    )
     torch.cuda.reset_peak_memory_stats()
     results = run(cfg)
     assert torch.cuda.max_memory_allocated() > 0  # the models ran on the GPU (device: auto)
     assert [r["row"] for r in results["rows"] if r["split"] == "test"] == [
-        "baseline", "fixed_summary", "non_iterative", "iterative"]
+        "baseline",
+        "fixed_summary",
+        "non_iterative",
+        "iterative",
+    ]
     done = sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json"))
     assert done == ["iter1-adapt", "iter1-grpo", "iter2-adapt", "iter2-grpo"]
 
@@ -55,6 +67,8 @@ def test_random_qwen3_4b_generates_in_bf16_with_the_prefix_cache():
     assert next(summarizer.model.parameters()).dtype == torch.bfloat16
     from resume.summarizer.generate import GenerationParams
 
-    out = summarizer.summarize([("t", "a document about gpus " * 20)] * 4, GenerationParams(max_new_tokens=16))
+    out = summarizer.summarize(
+        [("t", "a document about gpus " * 20)] * 4, GenerationParams(max_new_tokens=16)
+    )
     assert len(out) == 4 and all(c.num_tokens >= 1 for c in out)
     assert summarizer.backend.last_prefix_length > 0

@@ -17,7 +17,11 @@ def test_minilm_scifact_test_ndcg_matches_published(compose_in_tmp, tmp_path):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    results = run(compose_in_tmp(["experiment=baseline", "budget=full", "data=scifact", "retriever=minilm", "logger=none"]))
+    results = run(
+        compose_in_tmp(
+            ["experiment=baseline", "budget=full", "data=scifact", "retriever=minilm", "logger=none"]
+        )
+    )
     test = next(r for r in results["rows"] if r["split"] == "test")
     assert test["corpus"]["size"] == 5183 and test["num_queries"] == 300
     assert round(test["metrics"]["ndcg@10"], 4) == 0.6451

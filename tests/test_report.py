@@ -25,14 +25,39 @@ def _run(root: Path, ablation: str, seed: int, rows: dict[str, list[float]]) -> 
         pq = folder / "runs" / f"test-{row}.per_query.json"
         pq.write_text(json.dumps({q: {"ndcg@10": v} for q, v in zip(QUERIES, values)}))
         m = float(np.mean(values))
-        out.append({"row": row, "split": "test", "per_query_file": str(pq), "num_queries": len(values),
-                    "corpus": {"name": "scifact", "size": 32},
-                    "metrics": {"mrr@10": m, "ndcg@10": m, "recall@100": 1.0, "recall@1000": 1.0}})
-    iterations = [{"iteration": t, "grpo": {"reward_mean": 0.1 * t}, "dev": {"mrr@10": 0.5},
-                   "summaries": {"summary_tokens_mean": 40.0 + t, "separator_failure_rate": 0.0}} for t in (1, 2)]
-    (folder / "results.json").write_text(json.dumps({
-        "data": {"name": "scifact"}, "ablation": ablation, "seed": seed, "budget": "test budget", "rows": out,
-        "retriever": {"name": "r"}, "summarizer": {"name": "s"}, "iterations": iterations}))
+        out.append(
+            {
+                "row": row,
+                "split": "test",
+                "per_query_file": str(pq),
+                "num_queries": len(values),
+                "corpus": {"name": "scifact", "size": 32},
+                "metrics": {"mrr@10": m, "ndcg@10": m, "recall@100": 1.0, "recall@1000": 1.0},
+            }
+        )
+    iterations = [
+        {
+            "iteration": t,
+            "grpo": {"reward_mean": 0.1 * t},
+            "dev": {"mrr@10": 0.5},
+            "summaries": {"summary_tokens_mean": 40.0 + t, "separator_failure_rate": 0.0},
+        }
+        for t in (1, 2)
+    ]
+    (folder / "results.json").write_text(
+        json.dumps(
+            {
+                "data": {"name": "scifact"},
+                "ablation": ablation,
+                "seed": seed,
+                "budget": "test budget",
+                "rows": out,
+                "retriever": {"name": "r"},
+                "summarizer": {"name": "s"},
+                "iterations": iterations,
+            }
+        )
+    )
 
 
 def exact_p(d: np.ndarray) -> float:

@@ -18,8 +18,14 @@ from resume.train import run
 from resume.utils.config import REPO_ROOT
 
 # one iteration, two GRPO steps, no validation: the smallest run with every phase in it
-OVERRIDES = ["debug=smoke", "logger=none", "budget.max_iterations=1", "grpo.config.steps=2", "grpo.config.val_every=0",
-             "data.generator.docs_per_topic=5"]
+OVERRIDES = [
+    "debug=smoke",
+    "logger=none",
+    "budget.max_iterations=1",
+    "grpo.config.steps=2",
+    "grpo.config.val_every=0",
+    "data.generator.docs_per_topic=5",
+]
 
 
 def _cli(args: list[str]) -> list[str]:
@@ -38,7 +44,9 @@ def _final_rows(results: dict) -> dict[tuple[str, str], dict[str, float]]:
 def test_killed_run_resumes_with_same_metrics(tmp_path):
     killed = tmp_path / "killed"
     cmd = _cli([*OVERRIDES, f"hydra.run.dir={killed / 'out'}", f"paths.cache_dir={killed / 'cache'}"])
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     marker = killed / "out" / "phases" / "iter1-grpo.json"
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -67,9 +75,21 @@ def test_sweep_survives_a_failing_job(tmp_path, launcher):
     if launcher != "basic":
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[cluster]'")
     sweep = tmp_path / "sweep"
-    cmd = _cli(["-m", *OVERRIDES, f"hydra/launcher={launcher}", "experiment=baseline", "data.max_docs=5,null", f"hydra.sweep.dir={sweep}",
-                "hydra.sweep.subdir=job${hydra.job.num}", f"paths.cache_dir={tmp_path / 'cache'}"])
-    out = subprocess.run(cmd, check=False, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    cmd = _cli(
+        [
+            "-m",
+            *OVERRIDES,
+            f"hydra/launcher={launcher}",
+            "experiment=baseline",
+            "data.max_docs=5,null",
+            f"hydra.sweep.dir={sweep}",
+            "hydra.sweep.subdir=job${hydra.job.num}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
+    out = subprocess.run(
+        cmd, check=False, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "data.max_docs=5 is smaller" in (sweep / "job0" / "error.txt").read_text()
     assert not (sweep / "job0" / "results.json").exists()

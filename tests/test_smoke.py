@@ -55,8 +55,17 @@ def test_local_encoder_folder_as_retriever(compose_in_tmp, tmp_path):
 )
 def test_standalone_experiments_run(compose_in_tmp, tmp_path, experiment, phases):
     """Each paper row also runs as its own experiment, with only the phases it needs."""
-    results = run(compose_in_tmp(["debug=smoke", f"experiment={experiment}", "grpo.config.steps=1",
-                                  "grpo.config.val_every=0", "logger=none"]))
+    results = run(
+        compose_in_tmp(
+            [
+                "debug=smoke",
+                f"experiment={experiment}",
+                "grpo.config.steps=1",
+                "grpo.config.val_every=0",
+                "logger=none",
+            ]
+        )
+    )
     assert [r["row"] for r in results["rows"]] == [experiment, experiment]  # dev, test
     assert all(r["view"] == "summaries" for r in results["rows"])
     done = sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json"))
@@ -76,19 +85,40 @@ def test_paper_preset_runs_offline_on_a_tiny_msmarco_format_copy(compose_in_tmp,
 
     folder = write_toy(tmp_path / "msmarco", seed=3)
     (folder / "qrels" / "test.tsv").rename(folder / "qrels" / "dev.tsv")
-    results = run(compose_in_tmp([
-        "experiment=paper_iterative", f"data.path={folder}", "summarizer=tiny", "retriever=tiny",
-        "budget.max_iterations=1", "grpo.config.steps=1", "grpo.config.prompts_per_step=2",
-        "grpo.config.num_generations=2", "grpo.config.mini_batch_size=2", "grpo.config.val_every=0",
-        "grpo.config.max_new_tokens=8", "grpo.config.log_completions_every=0", "reward.n_negatives=4",
-        "adaptation.batch_size=4", "logger=none",
-    ]))
+    results = run(
+        compose_in_tmp(
+            [
+                "experiment=paper_iterative",
+                f"data.path={folder}",
+                "summarizer=tiny",
+                "retriever=tiny",
+                "budget.max_iterations=1",
+                "grpo.config.steps=1",
+                "grpo.config.prompts_per_step=2",
+                "grpo.config.num_generations=2",
+                "grpo.config.mini_batch_size=2",
+                "grpo.config.val_every=0",
+                "grpo.config.max_new_tokens=8",
+                "grpo.config.log_completions_every=0",
+                "reward.n_negatives=4",
+                "adaptation.batch_size=4",
+                "logger=none",
+            ]
+        )
+    )
     assert results["data"]["name"] == "msmarco"
     assert [(r["row"], r["split"]) for r in results["rows"]] == [
-        ("baseline", "dev"), ("fixed_summary", "dev"), ("non_iterative", "dev"), ("iterative", "dev")]
+        ("baseline", "dev"),
+        ("fixed_summary", "dev"),
+        ("non_iterative", "dev"),
+        ("iterative", "dev"),
+    ]
     cfg = (tmp_path / "out" / "config_resolved.yaml").read_text()
     assert "precision: bf16-mixed" in cfg and "lr: 3.0e-07" in cfg
-    assert sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json")) == ["iter1-adapt", "iter1-grpo"]
+    assert sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json")) == [
+        "iter1-adapt",
+        "iter1-grpo",
+    ]
 
 
 def test_run_folder_check_compares_configs_as_data(tmp_path):

@@ -205,7 +205,13 @@ def test_shared_prefix_cache_gives_the_same_completions_for_fewer_forwarded_toke
     few_shot = replace(
         summarizer.prompt,
         system="You write search summaries. " * 6,
-        examples=({"title": "Rail", "text": "The railway opened in 1904.", "response": "Topic: rail </think> A line."},),
+        examples=(
+            {
+                "title": "Rail",
+                "text": "The railway opened in 1904.",
+                "response": "Topic: rail </think> A line.",
+            },
+        ),
     )
     prompts = [few_shot.render(summarizer.tokenizer, t, x) for t, x in make_docs(5)]
     plain = HFBackend(summarizer.model, summarizer.tokenizer, batch_size=4, prefix_cache=False)
@@ -233,9 +239,15 @@ def test_shared_prefix_cache_gives_the_same_completions_for_fewer_forwarded_toke
 
 def test_generate_kwargs_reach_generate_and_a_static_cache_gives_the_same_tokens(summarizer):
     prompts = summarizer.prompts_for(make_docs(4))
-    plain = HFBackend(summarizer.model, summarizer.tokenizer, batch_size=4).generate(prompts, summarizer.corpus_generation)
-    static = HFBackend(summarizer.model, summarizer.tokenizer, batch_size=4,
-                       generate_kwargs={"cache_implementation": "static"})
+    plain = HFBackend(summarizer.model, summarizer.tokenizer, batch_size=4).generate(
+        prompts, summarizer.corpus_generation
+    )
+    static = HFBackend(
+        summarizer.model,
+        summarizer.tokenizer,
+        batch_size=4,
+        generate_kwargs={"cache_implementation": "static"},
+    )
     assert not static.prefix_cache  # a cache implementation replaces the shared-prefix cache
     seen = []
     original = summarizer.model.generate

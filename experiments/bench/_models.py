@@ -20,13 +20,25 @@ def bench_docs(n: int) -> dict[str, Document]:
     if SCIFACT.is_file():
         rows = [json.loads(line) for _, line in zip(range(n), SCIFACT.open())]
         return {str(r["_id"]): Document(title=r["title"], text=r["text"]) for r in rows}
-    return {f"d{i}": Document(title=f"doc {i}", text=" ".join(f"w{(i * 7 + j) % 300}" for j in range(150)))
-            for i in range(n)}
+    return {
+        f"d{i}": Document(title=f"doc {i}", text=" ".join(f"w{(i * 7 + j) % 300}" for j in range(150)))
+        for i in range(n)
+    }
+
 
 # Qwen3-4B (Qwen3-4B-Thinking-2507's config.json): the paper's summarizer, for throughput at its size.
-QWEN3_4B = {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
-            "tie_word_embeddings": True, "rope_theta": 5000000.0}
+QWEN3_4B = {
+    "model_type": "qwen3",
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": True,
+    "rope_theta": 5000000.0,
+}
 
 
 def bench_summarizer(name: str, max_doc_tokens: int, random_qwen3_4b: bool = False) -> Any:

@@ -49,7 +49,9 @@ def _time(fn, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
-    ap.add_argument("--random-bert-base", action="store_true", help="BERT-base at random weights (Contriever's shape)")
+    ap.add_argument(
+        "--random-bert-base", action="store_true", help="BERT-base at random weights (Contriever's shape)"
+    )
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=256)
@@ -64,25 +66,37 @@ def main() -> None:
         from resume.utils.tiny import wordpiece_tokenizer
 
         tmp = Path("/tmp/resume-bench-bert")
-        tok = wordpiece_tokenizer(tmp, vocab_size=30522) if not (tmp / "tokenizer.json").exists() else BertTokenizerFast.from_pretrained(tmp)
+        tok = (
+            wordpiece_tokenizer(tmp, vocab_size=30522)
+            if not (tmp / "tokenizer.json").exists()
+            else BertTokenizerFast.from_pretrained(tmp)
+        )
         BertModel(BertConfig(vocab_size=len(tok))).save_pretrained(tmp)
         path = str(tmp)
     else:
         path = resolve_model(args.model)
-    ours = build_retriever(model=path, pooling="mean", doc_max_length=args.max_length, batch_size=args.batch_size).to(device)
+    ours = build_retriever(
+        model=path, pooling="mean", doc_max_length=args.max_length, batch_size=args.batch_size
+    ).to(device)
     word = models.Transformer(path, max_seq_length=args.max_length)
-    ref = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")], device=device)
+    ref = SentenceTransformer(
+        modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")], device=device
+    )
     if device == "cuda":
         ours.precision_mode = "bf16"
         ref = ref.to(torch.bfloat16)
     texts = _texts(args.n)
-    t_ref = _time(lambda: ref.encode(texts, batch_size=args.batch_size, normalize_embeddings=True), args.repeats)
+    t_ref = _time(
+        lambda: ref.encode(texts, batch_size=args.batch_size, normalize_embeddings=True), args.repeats
+    )
     t_ours = _time(lambda: ours.encode_documents(texts), args.repeats)
     a = torch.as_tensor(ref.encode(texts[:64], batch_size=args.batch_size, normalize_embeddings=True)).float()
     b = ours.encode_documents(texts[:64])
     agree = torch.nn.functional.cosine_similarity(a, b).min().item()
-    print(f"device={device} model={'random bert-base' if args.random_bert_base else args.model} n={args.n} "
-          f"batch={args.batch_size} max_length={args.max_length}")
+    print(
+        f"device={device} model={'random bert-base' if args.random_bert_base else args.model} n={args.n} "
+        f"batch={args.batch_size} max_length={args.max_length}"
+    )
     print("| run | passages/s | ratio vs sentence-transformers |")
     print("|---|---|---|")
     print(f"| sentence-transformers encode (reference) | {args.n / t_ref:.1f} | 1.00 |")

@@ -53,14 +53,33 @@ def _summarizer(args: argparse.Namespace):
 
 def bench_ours(args, docs) -> list[float]:
     summarizer = _summarizer(args)
-    config = GRPOConfig(steps=args.steps, num_generations=args.k, prompts_per_step=args.prompts, loss_type="dapo",
-                        beta=0.0, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                        val_every=0, log_completions_every=0, checkpoint_every=0, mini_batch_size=args.mini_batch)
+    config = GRPOConfig(
+        steps=args.steps,
+        num_generations=args.k,
+        prompts_per_step=args.prompts,
+        loss_type="dapo",
+        beta=0.0,
+        max_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        val_every=0,
+        log_completions_every=0,
+        checkpoint_every=0,
+        mini_batch_size=args.mini_batch,
+    )
     precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     with tempfile.TemporaryDirectory() as out:
-        run_grpo(summarizer, BenchReward(), docs, list(docs), out_dir=out, config=config,
-                 optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0),
-                 trainer_kwargs={"precision": precision})
+        run_grpo(
+            summarizer,
+            BenchReward(),
+            docs,
+            list(docs),
+            out_dir=out,
+            config=config,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0),
+            trainer_kwargs={"precision": precision},
+        )
         history = [json.loads(line) for line in (Path(out) / "grpo_history.jsonl").read_text().splitlines()]
     return [h["time/step"] for h in history if "time/step" in h]
 
@@ -86,15 +105,38 @@ def bench_trl(args, docs) -> list[float]:
             times.append(time.perf_counter() - self.t)
 
     cuda = torch.cuda.is_available()
-    cfg = TRLConfig(output_dir=str(folder / "out"), per_device_train_batch_size=args.prompts * args.k,
-                    num_generations=args.k, max_completion_length=args.max_new_tokens, max_steps=args.steps,
-                    learning_rate=1e-6, weight_decay=0.0, beta=0.0, loss_type="dapo", temperature=1.0, top_p=1.0,
-                    top_k=0, bf16=cuda, use_cpu=not cuda, report_to=[], save_strategy="no", logging_steps=1,
-                    gradient_checkpointing=False, lr_scheduler_type="constant", max_grad_norm=1.0,
-                    gradient_accumulation_steps=1, seed=0)
-    trainer = GRPOTrainer(model=str(folder), args=cfg, processing_class=summarizer.tokenizer,
-                          reward_funcs=lambda completions, **kw: [text_score(c) for c in completions],
-                          train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[StepTimes()])
+    cfg = TRLConfig(
+        output_dir=str(folder / "out"),
+        per_device_train_batch_size=args.prompts * args.k,
+        num_generations=args.k,
+        max_completion_length=args.max_new_tokens,
+        max_steps=args.steps,
+        learning_rate=1e-6,
+        weight_decay=0.0,
+        beta=0.0,
+        loss_type="dapo",
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        bf16=cuda,
+        use_cpu=not cuda,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        gradient_checkpointing=False,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        gradient_accumulation_steps=1,
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=str(folder),
+        args=cfg,
+        processing_class=summarizer.tokenizer,
+        reward_funcs=lambda completions, **kw: [text_score(c) for c in completions],
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        callbacks=[StepTimes()],
+    )
     trainer.train()
     return times
 
@@ -115,14 +157,18 @@ def main() -> None:
     trl_times = bench_trl(args, docs)
     our_times = bench_ours(args, docs)
     med = {name: statistics.median(t[1:] or t) for name, t in (("trl", trl_times), ("ours", our_times))}
-    print(f"device={'cuda' if torch.cuda.is_available() else 'cpu'} summarizer="
-          f"{'random qwen3-4b' if args.random_qwen3_4b else args.summarizer} prompts={args.prompts} k={args.k} "
-          f"max_new_tokens={args.max_new_tokens} steps={args.steps} threads={torch.get_num_threads()}")
+    print(
+        f"device={'cuda' if torch.cuda.is_available() else 'cpu'} summarizer="
+        f"{'random qwen3-4b' if args.random_qwen3_4b else args.summarizer} prompts={args.prompts} k={args.k} "
+        f"max_new_tokens={args.max_new_tokens} steps={args.steps} threads={torch.get_num_threads()}"
+    )
     print("| run | s/step (median, first step excluded) | ratio vs TRL (lower is faster) |")
     print("|---|---|---|")
     print(f"| TRL GRPOTrainer (reference) | {med['trl']:.2f} | 1.00 |")
     print(f"| resume run_grpo | {med['ours']:.2f} | {med['ours'] / med['trl']:.2f} |")
-    print(f"per-step seconds: trl {[round(t, 2) for t in trl_times]}, ours {[round(t, 2) for t in our_times]}")
+    print(
+        f"per-step seconds: trl {[round(t, 2) for t in trl_times]}, ours {[round(t, 2) for t in our_times]}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,5 +4,11 @@ from resume.data.beir import DataError, Document, RetrievalData, Split, load_bei
 from resume.data.load import load_dataset, register_data_resolvers
 
 __all__ = [
-    "DataError", "Document", "RetrievalData", "Split", "load_beir", "load_dataset", "register_data_resolvers",
+    "DataError",
+    "Document",
+    "RetrievalData",
+    "Split",
+    "load_beir",
+    "load_dataset",
+    "register_data_resolvers",
 ]

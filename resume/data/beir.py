@@ -231,7 +231,10 @@ def load_qrels(
         log.warning(
             "%s: dropped %d qrels row(s) naming documents absent from corpus.jsonl and %d naming queries "
             "absent from queries.jsonl (data.unknown_qrels=drop); first: %s",
-            path, counts["unknown_docs"], counts["unknown_queries"], example,
+            path,
+            counts["unknown_docs"],
+            counts["unknown_queries"],
+            example,
         )
     if not qrels:
         if n_dropped:
@@ -262,7 +265,9 @@ def load_beir(
     corpus_path, queries_path = folder / "corpus.jsonl", folder / "queries.jsonl"
     for p in (corpus_path, queries_path):
         if not p.is_file():
-            raise DataError(f"{p}: file not found (expected a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)")
+            raise DataError(
+                f"{p}: file not found (expected a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)"
+            )
     if splits is None:
         splits = available_splits(folder)
         if not splits:

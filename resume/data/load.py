@@ -94,14 +94,19 @@ def subset(
             continue
         qids = sorted(sp.qrels)
         keep = sorted(qids[i] for i in rng.choice(len(qids), size=int(limit), replace=False))
-        data.splits[split_name] = Split(split_name, {q: sp.queries[q] for q in keep}, {q: sp.qrels[q] for q in keep})
+        data.splits[split_name] = Split(
+            split_name, {q: sp.queries[q] for q in keep}, {q: sp.qrels[q] for q in keep}
+        )
         data.notes.append(f"{split_name}: {limit} of {len(qids)} queries sampled (seed {seed})")
     if max_docs is None or len(data.corpus) <= max_docs:
         return
-    required = sorted({d for sp in data.splits.values() for docs in sp.qrels.values() for d, g in docs.items() if g > 0})
+    required = sorted(
+        {d for sp in data.splits.values() for docs in sp.qrels.values() for d, g in docs.items() if g > 0}
+    )
     if len(required) > max_docs:
         raise DataError(
-            f"data.max_docs={max_docs} is smaller than the {len(required)} documents judged relevant to the kept "
+            f"data.max_docs={max_docs} is smaller than the {len(required)} documents judged relevant to the "
+            "kept "
             f"queries; raise data.max_docs or lower data.max_queries"
         )
     required_set = set(required)
@@ -114,7 +119,8 @@ def subset(
         qrels = {q: {d: g for d, g in docs.items() if d in kept} for q, docs in sp.qrels.items()}
         data.splits[name] = Split(name, sp.queries, qrels)
     data.notes.append(
-        f"corpus: {max_docs} of {n_before} documents (all {len(required)} relevant to kept queries + seeded random fill, "
+        f"corpus: {max_docs} of {n_before} documents (all {len(required)} relevant to kept queries + seeded "
+        "random fill, "
         f"seed {seed})"
     )
 

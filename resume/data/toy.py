@@ -61,8 +61,10 @@ def write_toy(
     files = {
         "corpus.jsonl": "".join(json.dumps(d) + "\n" for d in docs),
         "queries.jsonl": "".join(json.dumps(q) + "\n" for q in queries),
-        "qrels/train.tsv": "query-id\tcorpus-id\tscore\n" + "".join(f"{qrels[i][0]}\t{qrels[i][1]}\t1\n" for i in order[:n_train]),
-        "qrels/test.tsv": "query-id\tcorpus-id\tscore\n" + "".join(f"{qrels[i][0]}\t{qrels[i][1]}\t1\n" for i in order[n_train:]),
+        "qrels/train.tsv": "query-id\tcorpus-id\tscore\n"
+        + "".join(f"{qrels[i][0]}\t{qrels[i][1]}\t1\n" for i in order[:n_train]),
+        "qrels/test.tsv": "query-id\tcorpus-id\tscore\n"
+        + "".join(f"{qrels[i][0]}\t{qrels[i][1]}\t1\n" for i in order[n_train:]),
     }
     for rel, content in files.items():
         (staging / rel).write_text(content, encoding="utf-8")

@@ -44,7 +44,9 @@ class Evaluator:
         texts = [doc_texts[d] for d in ids]
         t0 = time.perf_counter()
         key = f"{retriever.fingerprint()}-{fingerprint_texts(zip(ids, texts))}"
-        emb = encode_corpus(retriever, ids, texts, Path(cache_dir) / "embeddings" / key, self.shard_size, self.progress)
+        emb = encode_corpus(
+            retriever, ids, texts, Path(cache_dir) / "embeddings" / key, self.shard_size, self.progress
+        )
         t_encode = time.perf_counter() - t0
         qids = list(sp.queries)
         q_emb = retriever.encode_queries([sp.queries[q] for q in qids], progress=self.progress).numpy()
@@ -59,9 +61,14 @@ class Evaluator:
         return {
             "metrics": dict(result.aggregate),
             "split": split,
-                        "num_queries": result.num_queries,
+            "num_queries": result.num_queries,
             "corpus": {"name": data.name, "size": len(ids), "source": data.source},
-            "index": {"type": "faiss.IndexFlatIP", "on_gpu": index.on_gpu, "bytes": int(emb.nbytes), "dim": int(emb.shape[1])},
+            "index": {
+                "type": "faiss.IndexFlatIP",
+                "on_gpu": index.on_gpu,
+                "bytes": int(emb.nbytes),
+                "dim": int(emb.shape[1]),
+            },
             "run_file": str(run_path),
             "per_query_file": str(run_path.with_suffix(".per_query.json")),
             "embeddings": key,

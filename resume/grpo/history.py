@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
+from resume.summarizer.parsing import parse_completion
 from resume.utils.io import atomic_write_text
 from resume.utils.lightning import is_wandb
 
@@ -109,6 +111,40 @@ def history_stats(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["tokens_generated"] = int(sum(values("train/tokens")) + sum(values("val/tokens")))
     out["train_seconds"] = round(float(sum(values("time/step"))), 2)  # every step, resumed runs included
     return out
+
+
+def sample_rows(
+    step: int,
+    doc_ids: Sequence[str],
+    completions: Sequence[Any],
+    rewards: Any,
+    advantages: Tensor,
+    separator: str,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """The first `limit` completions of a step with their summary, reward terms and advantage."""
+    components = [
+        c
+        for c in ("structure", "retrieval", "delta", "num_tokens", "has_separator")
+        if isinstance(getattr(rewards, c, None), Tensor)
+    ]
+    rows = []
+    for i in range(min(len(completions), limit)):
+        text = completions[i].text
+        row: dict[str, Any] = {
+            "step": step,
+            "doc_id": doc_ids[i],
+            "completion": text,
+            "summary": parse_completion(text, separator).summary,
+            "reward": float(rewards.total[i]),
+            "advantage": float(advantages[i]),
+            "completion_tokens": completions[i].num_tokens,
+        }
+        for name in components:
+            value = getattr(rewards, name)[i].item()
+            row[name] = finite(value) if isinstance(value, float) else value
+        rows.append(row)
+    return rows
 
 
 def write_samples(

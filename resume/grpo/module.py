@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from resume.grpo.config import RESUMABLE_CHANGES, GRPOConfig
-from resume.grpo.history import finite, merge_stats, write_history, write_samples
+from resume.grpo.history import finite, merge_stats, sample_rows, write_history, write_samples
 from resume.grpo.lora import add_lora
 from resume.grpo.loss import (
     group_advantages,
@@ -51,15 +51,18 @@ from resume.grpo.loss import (
 )
 from resume.grpo.rollouts import PackedBatch, doc_pair, pack_completions
 from resume.summarizer.generate import Completion, GenerationParams
-from resume.summarizer.parsing import parse_completion
 from resume.utils.devices import seeded
 from resume.utils.optim import decay_groups
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # params -> optimizer
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]  # (optimizer, total_steps=) -> scheduler
-VAL_SEED_OFFSET = 1_000_000_007  # the reward's negatives for validation: one fixed draw, apart from every step's
+SchedulerFactory = Callable[
+    ..., torch.optim.lr_scheduler.LRScheduler
+]  # (optimizer, total_steps=) -> scheduler
+VAL_SEED_OFFSET = (
+    1_000_000_007  # the reward's negatives for validation: one fixed draw, apart from every step's
+)
 
 
 class GRPOModule(pl.LightningModule):
@@ -397,27 +400,10 @@ class GRPOModule(pl.LightningModule):
         rewards: Any,
         advantages: Tensor,
     ) -> None:
-        components = [
-            c
-            for c in ("structure", "retrieval", "delta", "num_tokens", "has_separator")
-            if isinstance(getattr(rewards, c, None), Tensor)
-        ]
-        rows = []
-        for i in range(min(len(completions), self.config.log_completions_rows)):
-            text = completions[i].text
-            row: dict[str, Any] = {
-                "step": step,
-                "doc_id": doc_ids[i],
-                "completion": text,
-                "summary": parse_completion(text, self.summarizer.separator).summary,
-                "reward": float(rewards.total[i]),
-                "advantage": float(advantages[i]),
-                "completion_tokens": completions[i].num_tokens,
-            }
-            for name in components:
-                value = getattr(rewards, name)[i].item()
-                row[name] = finite(value) if isinstance(value, float) else value
-            rows.append(row)
+        rows = sample_rows(
+            step, doc_ids, completions, rewards, advantages, self.summarizer.separator,
+            self.config.log_completions_rows,
+        )  # fmt: skip
         write_samples(rows, step, self.out_dir, self.loggers)
 
     def _write_history(self) -> None:

@@ -34,10 +34,16 @@ _EXPECTED_WARNINGS = (".*`validation_step` but have no `val_dataloader`.*", ".*m
 # Trainer arguments that make no sense under GRPO's manual optimisation (set through grpo.config instead).
 _REFUSED_TRAINER_KEYS = ("gradient_clip_val", "accumulate_grad_batches")
 _OWNED_TRAINER_KEYS = (
-    "max_steps", "max_epochs", "logger", "enable_checkpointing", "limit_val_batches", "use_distributed_sampler",
+    "max_steps",
+    "max_epochs",
+    "logger",
+    "enable_checkpointing",
+    "limit_val_batches",
+    "use_distributed_sampler",
 )
 _TRAINER_FIX = (
-    "use grpo.config (steps, max_grad_norm, mini_batch_size, checkpoint_every) and the loggers argument instead"
+    "use grpo.config (steps, max_grad_norm, mini_batch_size, checkpoint_every) and the loggers argument "
+    "instead"
 )
 ITERATION_SEED_STRIDE = 1000  # iteration t trains with seed config.seed + 1000 t: new documents and samples
 
@@ -103,7 +109,13 @@ def run_grpo(
     )
     optimizer = optimizer or functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.0)
     module = GRPOModule(
-        summarizer, reward, docs, optimizer, config=config, scheduler=scheduler, val_doc_ids=val_ids,
+        summarizer,
+        reward,
+        docs,
+        optimizer,
+        config=config,
+        scheduler=scheduler,
+        val_doc_ids=val_ids,
         out_dir=out_dir,
     )
     batches = RolloutBatches(

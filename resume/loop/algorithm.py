@@ -7,9 +7,10 @@
 
 Experiments differ only in configuration (how many iterations, which phases are set,
 which rows are evaluated on the way, which corpus view the final evaluation indexes); this
-module never branches on an experiment's or a row's name. Every finished phase leaves a record in `<run>/phases/`, so a killed
-run restarted with the same command resumes at the phase where it stopped; summaries and
-corpus embeddings are cached by content, so nothing finished is computed twice.
+module never branches on an experiment's or a row's name. Every finished phase leaves a
+record in `<run>/phases/`, so a killed run restarted with the same command resumes at the
+phase where it stopped; summaries and corpus embeddings are cached by content, so nothing
+finished is computed twice.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class Loop:
         if needs_summaries and (summarizer is None or summarize is None):
             raise ValueError("this experiment needs summaries: set a summarizer (summarizer=smollm2, ...)")
         if self.config.max_iterations > 0 and grpo is None and adapt is None:
-            raise ValueError("loop.max_iterations > 0 but neither grpo nor adaptation is configured: nothing to iterate")
+            raise ValueError(
+                "loop.max_iterations > 0 but neither grpo nor adaptation is configured: nothing to iterate"
+            )
         self.data = data
         self.retriever = retriever
         self.evaluator = evaluator
@@ -68,7 +71,8 @@ class Loop:
             missing = [s for s in point.splits if s not in data.splits]
             if missing:
                 raise ValueError(
-                    f"loop.eval_points row {point.row!r} names split(s) {missing}, which dataset {data.name!r} "
+                    f"loop.eval_points row {point.row!r} names split(s) {missing}, which dataset "
+                    f"{data.name!r} "
                     f"lacks (have {sorted(data.splits)}); fix its `splits`"
                 )
             if point.view == "summaries" and (summarizer is None or summarize is None):
@@ -76,7 +80,9 @@ class Loop:
         metric = self.config.stop_metric
         known = getattr(evaluator, "metrics", None)
         if metric is not None and known is not None and metric not in known:
-            raise ValueError(f"loop.stop_on={self.config.stop_on!r}: {metric!r} is not one of eval.metrics {list(known)}")
+            raise ValueError(
+                f"loop.stop_on={self.config.stop_on!r}: {metric!r} is not one of eval.metrics {list(known)}"
+            )
         self.row_name = row_name
         self.corpus_view = corpus_view
         self._build_summarizer = summarizer
@@ -115,14 +121,20 @@ class Loop:
         self._add_time(f"summarize/{label}", time.perf_counter() - t0)
         self._summaries[label] = texts
         self.summary_stats[label] = stats
-        self.log_metrics({f"summaries/{label}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, None)
+        self.log_metrics(
+            {f"summaries/{label}/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, None
+        )
         return texts
 
-    def evaluate_row(self, row: str, texts: Mapping[str, str], view: str, splits: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    def evaluate_row(
+        self, row: str, texts: Mapping[str, str], view: str, splits: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
         rows = []
         t0 = time.perf_counter()
         for split in splits if splits is not None else self.eval_splits:
-            res = self.evaluator(self.retriever, self.data, split, texts, f"{row}-{view}", self.out_dir, self.cache_dir)
+            res = self.evaluator(
+                self.retriever, self.data, split, texts, f"{row}-{view}", self.out_dir, self.cache_dir
+            )
             res.update(row=row, view=view)
             self.log_metrics({f"eval/{split}/{k}": v for k, v in res["metrics"].items()}, None)
             rows.append(res)
@@ -132,11 +144,15 @@ class Loop:
     def _add_time(self, key: str, seconds: float) -> None:
         self.phase_seconds[key] = round(self.phase_seconds.get(key, 0.0) + seconds, 2)
 
-    def _phase(self, name: str, fn: Callable[[], dict[str, Any]], restore: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    def _phase(
+        self, name: str, fn: Callable[[], dict[str, Any]], restore: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
         """Run a phase once: if its record exists, restore its outputs instead of recomputing."""
         done = self.records.get(name)
         if done is not None:
-            log.info("phase %s already finished (record %s): restoring its outputs", name, self.records.folder)
+            log.info(
+                "phase %s already finished (record %s): restoring its outputs", name, self.records.folder
+            )
             restore(done)
             return done
         # Each phase starts from RNG states derived from (seed, phase name), not from whatever
@@ -161,8 +177,10 @@ class Loop:
                 folder = self.out_dir / f"iter{t}" / "summarizer"
                 it["grpo"] = self._phase(
                     f"iter{t}-grpo",
-                    lambda t=t, folder=folder: {**self.grpo_fn(self.summarizer, self.retriever, t, folder),
-                                                "summarizer": str(folder)},
+                    lambda t=t, folder=folder: {
+                        **self.grpo_fn(self.summarizer, self.retriever, t, folder),
+                        "summarizer": str(folder),
+                    },
                     lambda rec: self.summarizer.load_weights(rec["summarizer"]),
                 )
             texts = self.summaries(f"iter{t}")
@@ -171,8 +189,10 @@ class Loop:
                 folder = self.out_dir / f"iter{t}" / "retriever"
                 it["adapt"] = self._phase(
                     f"iter{t}-adapt",
-                    lambda t=t, folder=folder, texts=texts: {**self.adapt_fn(self.retriever, texts, t, folder),
-                                                             "retriever": str(folder)},
+                    lambda t=t, folder=folder, texts=texts: {
+                        **self.adapt_fn(self.retriever, texts, t, folder),
+                        "retriever": str(folder),
+                    },
                     lambda rec: self.retriever.load_weights(rec["retriever"]),
                 )
             rows += self._points(t, "adapted")
@@ -182,19 +202,41 @@ class Loop:
             it["summaries"] = self.summary_stats.get(f"iter{t}", {})
             iterations.append(it)
             selected = it.get(select, {}) if select is not None else {}
-            self.log_metrics({"loop/iteration": t, **{f"loop/{select}/{k}": v for k, v in selected.items()}}, t)
+            self.log_metrics(
+                {"loop/iteration": t, **{f"loop/{select}/{k}": v for k, v in selected.items()}}, t
+            )
             watched = self._watched(it)
-            if watched is not None and previous is not None and t >= cfg.min_iterations and watched - previous < cfg.epsilon:
-                log.info("stopping after iteration %d: %s improved by %.4f < epsilon %.4f", t, cfg.stop_on, watched - previous, cfg.epsilon)
+            if (
+                watched is not None
+                and previous is not None
+                and t >= cfg.min_iterations
+                and watched - previous < cfg.epsilon
+            ):
+                log.info(
+                    "stopping after iteration %d: %s improved by %.4f < epsilon %.4f",
+                    t,
+                    cfg.stop_on,
+                    watched - previous,
+                    cfg.epsilon,
+                )
                 it["stopped"] = True
                 break
             previous = watched if watched is not None else previous
-        final_texts = self.documents() if self.corpus_view == "documents" else self.summaries(f"iter{len(iterations)}")
+        final_texts = (
+            self.documents() if self.corpus_view == "documents" else self.summaries(f"iter{len(iterations)}")
+        )
         rows += self.evaluate_row(self.row_name, final_texts, self.corpus_view)
-        outcome = {"rows": rows, "iterations": iterations, "summaries": self.summary_stats, "seconds": self.phase_seconds}
+        outcome = {
+            "rows": rows,
+            "iterations": iterations,
+            "summaries": self.summary_stats,
+            "seconds": self.phase_seconds,
+        }
         unreached = [p.row for p in cfg.eval_points if p.iteration > len(iterations)]
         if unreached:  # said in the results, never silently dropped
-            log.warning("eval points %s were not reached: the loop ran %d iterations", unreached, len(iterations))
+            log.warning(
+                "eval points %s were not reached: the loop ran %d iterations", unreached, len(iterations)
+            )
             outcome["unreached_eval_points"] = unreached
         return outcome
 

@@ -44,8 +44,9 @@ class EvalPoint:
         if self.stage not in STAGES:
             raise ValueError(f"{where}: stage={self.stage!r} must be one of {STAGES}")
         if self.iteration == 0 and self.stage != "summarized":
-            raise ValueError(f"{where}: iteration 0 is the initial state, which has no adaptation; "
-                             "use stage: summarized")
+            raise ValueError(
+                f"{where}: iteration 0 is the initial state, which has no adaptation; use stage: summarized"
+            )
         if self.view not in VIEWS:
             raise ValueError(f"{where}: view={self.view!r} must be one of {VIEWS}")
         object.__setattr__(self, "splits", tuple(self.splits))
@@ -55,20 +56,22 @@ class EvalPoint:
         known = {"row", "iteration", "stage", "view", "splits"}
         unknown = sorted(set(node) - known)
         if unknown:
-            raise ValueError(f"loop.eval_points entry {dict(node)} has unknown keys {unknown}; "
-                             f"allowed keys are {sorted(known)}")
+            raise ValueError(
+                f"loop.eval_points entry {dict(node)} has unknown keys {unknown}; "
+                f"allowed keys are {sorted(known)}"
+            )
         return cls(**{k: (tuple(v) if k == "splits" else v) for k, v in node.items()})
 
 
 @dataclass
 class LoopConfig:
-    max_iterations: int = 0             # T; 0 = evaluate the initial models only (baseline, fixed summary)
-    stop_on: str = "reward_mean"        # reward_mean, or <select_split>/<metric> (e.g. dev/mrr@10)
-    epsilon: float = 0.0                # stop when the watched value improves by less than this
-    min_iterations: int = 1             # never stop before this many iterations
-    select_split: str | None = "dev"    # evaluated after every iteration (early stopping); None = never
+    max_iterations: int = 0  # T; 0 = evaluate the initial models only (baseline, fixed summary)
+    stop_on: str = "reward_mean"  # reward_mean, or <select_split>/<metric> (e.g. dev/mrr@10)
+    epsilon: float = 0.0  # stop when the watched value improves by less than this
+    min_iterations: int = 1  # never stop before this many iterations
+    select_split: str | None = "dev"  # evaluated after every iteration (early stopping); None = never
     eval_points: Sequence[EvalPoint] = field(default_factory=tuple)
-    seed: int = 0                       # every phase starts from seed-derived RNG states
+    seed: int = 0  # every phase starts from seed-derived RNG states
 
     def __post_init__(self) -> None:
         if self.max_iterations < 0:

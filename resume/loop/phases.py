@@ -39,11 +39,21 @@ def make_summarize(
         result = summarize_corpus(summarizer, data.corpus, cache_dir, batch_size, progress, fallback)
         stats = summary_stats(result, count_tokens)
         summaries = [r["summary"] for r in result.records.values() if r["summary"] is not None]
-        stats["repetition_mean"] = float(np.mean([repetition_score(s) for s in summaries])) if summaries else None
+        stats["repetition_mean"] = (
+            float(np.mean([repetition_score(s) for s in summaries])) if summaries else None
+        )
         stats["cache_file"] = str(result.cache_path)
         lines = (
-            json.dumps({"doc_id": d, "indexed_text": result.texts[d], "summary": r["summary"],
-                        "has_separator": r["has_separator"], "completion": r["completion"]}) + "\n"
+            json.dumps(
+                {
+                    "doc_id": d,
+                    "indexed_text": result.texts[d],
+                    "summary": r["summary"],
+                    "has_separator": r["has_separator"],
+                    "completion": r["completion"],
+                }
+            )
+            + "\n"
             for d, r in result.records.items()
         )
         atomic_write_text(Path(out_dir) / "summaries" / f"{label}.jsonl", "".join(lines))
@@ -59,7 +69,8 @@ def make_adapt(
     train_split: str = "train",
     loggers: Any = None,
 ) -> Callable[[Any, Mapping[str, str], int, Path], dict[str, Any]]:
-    """Contrastive fine-tuning on (training query, indexed text of a relevant document); saves the retriever."""
+    """Contrastive fine-tuning on (training query, indexed text of a relevant document); saves the
+    retriever."""
     split = data.split(train_split)
 
     def run(retriever: Any, texts: Mapping[str, str], iteration: int, folder: Path) -> dict[str, Any]:
@@ -91,11 +102,15 @@ def make_grpo(
     def run(summarizer: Any, retriever: Any, iteration: int, folder: Path) -> dict[str, Any]:
         model = reward(retriever=retriever, doc_texts=doc_texts, queries=split.queries, qrels=split.qrels)
         # `iteration` reseeds the run: otherwise every round replays the same documents and samples
-        stats = grpo(summarizer, model, data.corpus, out_dir=folder.parent, loggers=loggers, iteration=iteration)
+        stats = grpo(
+            summarizer, model, data.corpus, out_dir=folder.parent, loggers=loggers, iteration=iteration
+        )
         if Path(stats.get("summarizer", folder)) != folder:
             raise RuntimeError(f"GRPO exported the summarizer to {stats['summarizer']}, expected {folder}")
         if log_metrics is not None:
-            log_metrics({f"loop/grpo/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, iteration)
+            log_metrics(
+                {f"loop/grpo/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}, iteration
+            )
         return stats
 
     return run

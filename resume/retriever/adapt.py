@@ -37,7 +37,9 @@ class Pair(NamedTuple):
     doc: str  # the document's representation being adapted to (its summary, or the full text)
     doc_id: str
     query_id: str = ""
-    relevant: frozenset[str] = frozenset()  # every doc judged relevant to the query (kept out of its negatives)
+    relevant: frozenset[str] = (
+        frozenset()
+    )  # every doc judged relevant to the query (kept out of its negatives)
 
 
 def training_pairs(split: Split, doc_texts: Mapping[str, str], min_grade: int = 1) -> list[Pair]:
@@ -58,7 +60,8 @@ def training_pairs(split: Split, doc_texts: Mapping[str, str], min_grade: int = 
             pairs.append(Pair(split.queries[qid], doc_texts[did], did, qid, relevant))
     if missing:
         raise ValueError(
-            f"{len(missing)} judged-relevant (query, doc) pairs of split {split.name!r} name documents without a "
+            f"{len(missing)} judged-relevant (query, doc) pairs of split {split.name!r} name documents "
+            "without a "
             f"text in doc_texts (e.g. {sorted(set(missing))[:5]}); summarize every judged document first"
         )
     return pairs
@@ -84,7 +87,8 @@ class PairCollator:
         self._rng = np.random.default_rng(self.seed)
         if self.negatives > len(self._pool_ids):
             raise ValueError(
-                f"hard_negatives ({self.negatives}) exceeds the {len(self._pool_ids)} documents available to draw "
+                f"hard_negatives ({self.negatives}) exceeds the {len(self._pool_ids)} documents available "
+                "to draw "
                 f"them from; lower adaptation.hard_negatives or pass doc_texts"
             )
 
@@ -100,7 +104,8 @@ class PairCollator:
                     if len(chosen) == self.negatives:
                         return list(chosen)
         raise ValueError(
-            f"could not draw {self.negatives} documents outside the {len(excluded)} relevant to this batch from "
+            f"could not draw {self.negatives} documents outside the {len(excluded)} relevant to this batch "
+            "from "
             f"{len(self._pool_ids)}; lower adaptation.hard_negatives"
         )
 
@@ -117,7 +122,9 @@ class PairCollator:
 class PairData(pl.LightningDataModule):
     """Builds the epoch's dataloader once the Trainer knows the world size, rank and epoch."""
 
-    def __init__(self, pairs: Sequence[Pair], collate: PairCollator, batch_size: int, seed: int, drop_last: bool):
+    def __init__(
+        self, pairs: Sequence[Pair], collate: PairCollator, batch_size: int, seed: int, drop_last: bool
+    ):
         super().__init__()
         self.pairs, self.collate = list(pairs), collate
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
@@ -132,7 +139,7 @@ class PairData(pl.LightningDataModule):
             num_replicas=self.trainer.world_size,
             rank=self.trainer.global_rank,
         )
-        # rebuilt every epoch (reload_dataloaders_every_n_epochs=1), so len() is this epoch's exact batch count
+        # rebuilt every epoch (reload_dataloaders_every_n_epochs=1): len() is this epoch's exact batch count
         sampler.set_epoch(self.trainer.current_epoch)
         return DataLoader(self.pairs, batch_sampler=sampler, collate_fn=self.collate, num_workers=0)
 
@@ -185,7 +192,9 @@ def adapt_retriever(
         those of the last step.
     """
     if not pairs:
-        raise ValueError("adapt_retriever got no training pairs; the training split has no judged-relevant pair")
+        raise ValueError(
+            "adapt_retriever got no training pairs; the training split has no judged-relevant pair"
+        )
     if batch_size < 2 and hard_negatives < 1:
         raise ValueError(
             f"batch_size ({batch_size}) leaves a query no negative, so InfoNCE is constant; "
@@ -197,11 +206,14 @@ def adapt_retriever(
         raise ValueError(f"adaptation.warmup_ratio ({warmup_ratio}) must be in [0, 1)")
     if hard_negatives < 0 or (hard_negatives > 0 and not doc_texts):
         raise ValueError(
-            f"hard_negatives={hard_negatives} needs hard_negatives >= 0 and, when > 0, doc_texts to draw them from"
+            f"hard_negatives={hard_negatives} needs hard_negatives >= 0 and, when > 0, doc_texts to draw "
+            "them from"
         )
     if not any(p.requires_grad for p in retriever.parameters()):
-        raise ValueError("the retriever has no trainable parameter (frozen as a reward model?); "
-                         "call retriever.requires_grad_(True) before adapting it")
+        raise ValueError(
+            "the retriever has no trainable parameter (frozen as a reward model?); "
+            "call retriever.requires_grad_(True) before adapting it"
+        )
     trainer = make_trainer(
         trainer_kwargs,
         defaults={

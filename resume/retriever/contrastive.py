@@ -62,7 +62,9 @@ class ContrastiveModule(pl.LightningModule):
         if self.warmup_ratio <= 0:
             return optimizer
         # linear warmup then constant: the paper names only AdamW and its lr, no schedule
-        scheduler = lr_schedule(optimizer, self.trainer.estimated_stepping_batches, "constant", self.warmup_ratio)
+        scheduler = lr_schedule(
+            optimizer, self.trainer.estimated_stepping_batches, "constant", self.warmup_ratio
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -81,5 +83,3 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     padded = torch.cat([x, x.new_zeros(width - x.size(0), x.size(1))]) if width > x.size(0) else x
     parts = all_gather(padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:rank])
-
-

@@ -72,11 +72,16 @@ class FlatIPIndex:
         n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         self.on_gpu = bool(use_gpu) and n_gpus > 0
         if use_gpu is True and n_gpus == 0:
-            raise RuntimeError("index.use_gpu=true but faiss sees no GPU (install faiss-gpu, the 'gpu' extra)")
+            raise RuntimeError(
+                "index.use_gpu=true but faiss sees no GPU (install faiss-gpu, the 'gpu' extra)"
+            )
         if self.on_gpu:
             # sharded over all GPUs: the flat index is split by rows, results merged by faiss
-            index = faiss.index_cpu_to_all_gpus(index, co=_sharded_options(faiss)) if n_gpus > 1 else \
-                faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            index = (
+                faiss.index_cpu_to_all_gpus(index, co=_sharded_options(faiss))
+                if n_gpus > 1
+                else faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            )
         index.add(emb)
         self.index = index
 

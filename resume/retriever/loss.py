@@ -38,7 +38,9 @@ def info_nce(
         pairs (`neg_sim` is NaN when there is no negative: a batch of one pair and `N = 0`).
     """
     if q.dim() != 2 or d.dim() != 2 or q.size(1) != d.size(1):
-        raise ValueError(f"info_nce expects q [B, H] and d [B+N, H]; got q {tuple(q.shape)}, d {tuple(d.shape)}")
+        raise ValueError(
+            f"info_nce expects q [B, H] and d [B+N, H]; got q {tuple(q.shape)}, d {tuple(d.shape)}"
+        )
     if positive_offset < 0 or d.size(0) < positive_offset + q.size(0):
         raise ValueError(
             f"info_nce needs one positive document per query: d has {d.size(0)} rows for {q.size(0)} queries"

@@ -85,7 +85,9 @@ class DenseRetriever(pl.LightningModule):
         self.doc_prefix = doc_prefix
         self.precision_mode = precision
         self.name = name
-        self.temperature = temperature  # InfoNCE temperature of adaptation: tuned with the model, so kept with it
+        self.temperature = (
+            temperature  # InfoNCE temperature of adaptation: tuned with the model, so kept with it
+        )
         # The HF pooler head (BertModel.pooler: dense + tanh on [CLS]) is never read by `pool`; frozen, it
         # gets no optimizer state and DDP does not wait for gradients it will never receive.
         if isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
@@ -98,10 +100,16 @@ class DenseRetriever(pl.LightningModule):
 
     def tokenize(self, texts: list[str], kind: Literal["query", "doc"]) -> Mapping[str, torch.Tensor]:
         prefix, max_len = (
-            (self.query_prefix, self.query_max_length) if kind == "query" else (self.doc_prefix, self.doc_max_length)
+            (self.query_prefix, self.query_max_length)
+            if kind == "query"
+            else (self.doc_prefix, self.doc_max_length)
         )
         return self.tokenizer(
-            [prefix + t for t in texts], padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+            [prefix + t for t in texts],
+            padding=True,
+            truncation=True,
+            max_length=max_len,
+            return_tensors="pt",
         )
 
     @torch.inference_mode()
@@ -122,7 +130,9 @@ class DenseRetriever(pl.LightningModule):
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # long first: OOM shows at once
         out = torch.empty(len(texts), self.dim)
         dtype = _autocast_dtype(self.precision_mode, self.device)
-        bar = tqdm(total=len(texts), desc=desc or f"encode {kind}s", unit=kind, disable=not progress, leave=False)
+        bar = tqdm(
+            total=len(texts), desc=desc or f"encode {kind}s", unit=kind, disable=not progress, leave=False
+        )
         for start in range(0, len(texts), bs):
             idx = order[start : start + bs]
             batch = self.tokenize([texts[i] for i in idx], kind)
@@ -149,7 +159,13 @@ class DenseRetriever(pl.LightningModule):
         """Identifies weights + encoding settings (keys caches of corpus embeddings)."""
         return fingerprint_state(
             self.encoder,
-            extra=[self.pooling, self.query_max_length, self.doc_max_length, self.query_prefix, self.doc_prefix],
+            extra=[
+                self.pooling,
+                self.query_max_length,
+                self.doc_max_length,
+                self.query_prefix,
+                self.doc_prefix,
+            ],
         )
 
     def describe(self) -> dict[str, Any]:
@@ -187,8 +203,11 @@ class DenseRetriever(pl.LightningModule):
             mine = self.describe()
             keys = ("pooling", "query_max_length", "doc_max_length")
             if any(saved.get(k) != mine[k] for k in keys):
-                log.warning("%s was saved with other encoding settings than %s; this module keeps its own",
-                            folder, {k: mine[k] for k in keys})
+                log.warning(
+                    "%s was saved with other encoding settings than %s; this module keeps its own",
+                    folder,
+                    {k: mine[k] for k in keys},
+                )
 
 
 def build_retriever(

@@ -74,12 +74,15 @@ class UniqueDocBatchSampler(Sampler[list[int]]):
         if batch_size < 1:
             raise ValueError(f"batch_size ({batch_size}) must be >= 1")
         if relevant is not None and len(relevant) != len(doc_ids):
-            raise ValueError(f"relevant has {len(relevant)} entries for {len(doc_ids)} doc_ids; give one per pair")
+            raise ValueError(
+                f"relevant has {len(relevant)} entries for {len(doc_ids)} doc_ids; give one per pair"
+            )
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank ({rank}) must be in [0, num_replicas={num_replicas})")
         self.doc_ids = list(doc_ids)
         self.relevant = [
-            frozenset(relevant[i]) | {d} if relevant is not None else frozenset([d]) for i, d in enumerate(self.doc_ids)
+            frozenset(relevant[i]) | {d} if relevant is not None else frozenset([d])
+            for i, d in enumerate(self.doc_ids)
         ]
         self.batch_size = batch_size
         self.seed = seed

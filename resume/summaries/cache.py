@@ -109,10 +109,14 @@ class SummaryCache:
         # The key alone decides the folder: one written under another label (the same weights loaded
         # from a hub name in one process and from a checkpoint folder in another) is the same cache.
         base = Path(root) / "summaries"
-        existing = sorted(base.glob(f"*-{self.key}")) + ([base / self.key] if (base / self.key).is_dir() else [])
+        existing = sorted(base.glob(f"*-{self.key}")) + (
+            [base / self.key] if (base / self.key).is_dir() else []
+        )
         self.folder = existing[0] if existing else base / (f"{slug}-{self.key}" if slug else self.key)
         self.shard = shard
-        self.path = self.folder / (f"summaries.{shard}.jsonl" if shard else "summaries.jsonl")  # this writer's file
+        self.path = self.folder / (
+            f"summaries.{shard}.jsonl" if shard else "summaries.jsonl"
+        )  # this writer's file
         self.meta_path = self.folder / "meta.json"
         self.dropped_partial: str | None = None  # the cut-off last line found on open, if any
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -133,8 +133,19 @@ class GenerationBackend(Protocol):
 
 # `generate` arguments a backend or GenerationParams sets; generate_kwargs may not.
 _OWNED_GENERATE_KEYS = (
-    "do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "num_return_sequences", "num_beams",
-    "pad_token_id", "eos_token_id", "use_cache", "past_key_values", "input_ids", "attention_mask",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "num_return_sequences",
+    "num_beams",
+    "pad_token_id",
+    "eos_token_id",
+    "use_cache",
+    "past_key_values",
+    "input_ids",
+    "attention_mask",
 )
 
 
@@ -250,7 +261,9 @@ class HFBackend:
         """Rows `[prefix][left padding][suffix]` with the matching attention mask."""
         tail = self._left_pad(suffixes, pad_id, torch.device("cpu"))
         ids = torch.cat([torch.tensor([prefix] * len(suffixes), dtype=torch.long), tail["input_ids"]], 1)
-        mask = torch.cat([torch.ones((len(suffixes), len(prefix)), dtype=torch.long), tail["attention_mask"]], 1)
+        mask = torch.cat(
+            [torch.ones((len(suffixes), len(prefix)), dtype=torch.long), tail["attention_mask"]], 1
+        )
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
     def _prefix_kv(self, prefix: list[int], device: torch.device) -> Any:
@@ -283,14 +296,21 @@ class HFBackend:
                 prefix_kv = self._prefix_kv(encoded[0][:p], device) if p else None
                 for start in range(0, len(order), per_batch):
                     idx = order[start : start + per_batch]
-                    kwargs = {**self.generate_kwargs, **params.hf_kwargs(), "pad_token_id": pad,
-                              "eos_token_id": eos, "use_cache": True}
+                    kwargs = {
+                        **self.generate_kwargs,
+                        **params.hf_kwargs(),
+                        "pad_token_id": pad,
+                        "eos_token_id": eos,
+                        "use_cache": True,
+                    }
                     if prefix_kv is None:
                         batch = self._left_pad([encoded[i] for i in idx], pad, device)
                     else:
                         # Rows repeated here (num_return_sequences would not expand the cache), in
                         # the same interleaved order, so sampling draws the same tokens.
-                        batch = self._prefix_layout(encoded[0][:p], [encoded[i][p:] for i in idx], pad, device)
+                        batch = self._prefix_layout(
+                            encoded[0][:p], [encoded[i][p:] for i in idx], pad, device
+                        )
                         batch = {n: t.repeat_interleave(k, dim=0) for n, t in batch.items()}
                         cache = copy.deepcopy(prefix_kv)
                         cache.batch_repeat_interleave(len(idx) * k)

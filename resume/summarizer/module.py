@@ -88,7 +88,11 @@ class SummarizerModule(pl.LightningModule):
         self.name = name
         factory = backend_factory or (
             lambda m, t: HFBackend(
-                m, t, batch_size=batch_size, prefix_cache=prefix_cache, min_prefix_tokens=min_prefix_tokens,
+                m,
+                t,
+                batch_size=batch_size,
+                prefix_cache=prefix_cache,
+                min_prefix_tokens=min_prefix_tokens,
                 generate_kwargs=dict(generate_kwargs or {}),
             )
         )
@@ -201,7 +205,11 @@ def build_summarizer(
     torch_dtype = resolve_dtype(dtype)
 
     def special_ids(tok: Any) -> dict[str, Any]:
-        return {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id}
+        return {
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id,
+        }
 
     lm, tok, default_name = load_or_init(
         AutoModelForCausalLM,

@@ -52,16 +52,16 @@ def load_or_init(
     from transformers import AutoConfig, AutoTokenizer
 
     if (model is None) == (config is None):
-        raise ValueError(
-            f"set exactly one of {what}.model (name or folder) and {what}.config (random init)"
-        )
+        raise ValueError(f"set exactly one of {what}.model (name or folder) and {what}.config (random init)")
     if model is not None:
         path = resolve_model(model)
         log.info("%s: loading %s from %s", what, model, path)
         net = auto_class.from_pretrained(path, **dict(load_kwargs or {}))
         tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer) if tokenizer else path)
         return net, tok, model
-    tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer)) if tokenizer is not None else tiny_tokenizer()
+    tok = (
+        AutoTokenizer.from_pretrained(resolve_model(tokenizer)) if tokenizer is not None else tiny_tokenizer()
+    )
     cfg = plain(config)
     model_type = cfg.pop("model_type", default_type)
     extra = dict(config_from_tokenizer(tok)) if config_from_tokenizer else {}

@@ -9,7 +9,29 @@ from __future__ import annotations
 import numpy as np
 
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-FILLER = ["the", "a", "of", "and", "in", "to", "is", "was", "for", "on", "with", "as", "by", "at", "from", "this", "that", "it", "an", "are", "be"]
+FILLER = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "in",
+    "to",
+    "is",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "this",
+    "that",
+    "it",
+    "an",
+    "are",
+    "be",
+]
 
 
 def _words(rng: np.random.Generator, n: int, used: set[str]) -> list[str]:

@@ -29,8 +29,8 @@ def run(corpus_path: Path, cache_dir: Path, batch_size: int, kill_at: int, ready
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from resume.summaries import cache as cache_module
     from resume.data.beir import load_corpus
+    from resume.summaries import cache as cache_module
     from resume.summaries.corpus import summarize_corpus
     from resume.utils.config import CONFIG_DIR
 

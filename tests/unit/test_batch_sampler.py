@@ -72,7 +72,9 @@ def test_relevant_sets_keep_false_negatives_out():
             docs = {doc_ids[i] for i in batch}
             for i in batch:
                 others = docs - {doc_ids[i]}
-                assert not (others & relevant[i]), f"a doc relevant to pair {i}'s query is its negative: {batch}"
+                assert not (others & relevant[i]), (
+                    f"a doc relevant to pair {i}'s query is its negative: {batch}"
+                )
 
 
 def test_drop_last_keeps_only_full_batches():
@@ -118,7 +120,9 @@ def test_training_pairs_keeps_judged_relevant_only():
     texts = {"d1": "summary one", "d2": "summary two", "d3": "summary three"}
     pairs = training_pairs(split, texts)
     assert [(p.query_id, p.doc_id, p.doc) for p in pairs] == [
-        ("q1", "d1", "summary one"), ("q1", "d2", "summary two"), ("q2", "d1", "summary one")
+        ("q1", "d1", "summary one"),
+        ("q1", "d2", "summary two"),
+        ("q2", "d1", "summary one"),
     ]
     assert pairs[0].relevant == frozenset({"d1", "d2"}) and pairs[0].query == "first query"
     with pytest.raises(ValueError, match="summarize every judged document"):
@@ -127,14 +131,23 @@ def test_training_pairs_keeps_judged_relevant_only():
 
 def _fake_tokenize(texts: list[str], kind: str) -> dict[str, torch.Tensor]:
     n = 3 if kind == "query" else 5
-    return {"input_ids": torch.zeros(len(texts), n, dtype=torch.long), "attention_mask": torch.ones(len(texts), n),
-            "token_type_ids": torch.zeros(len(texts), n, dtype=torch.long)}
+    return {
+        "input_ids": torch.zeros(len(texts), n, dtype=torch.long),
+        "attention_mask": torch.ones(len(texts), n),
+        "token_type_ids": torch.zeros(len(texts), n, dtype=torch.long),
+    }
 
 
 def test_collator_appends_non_relevant_negatives():
-    pool = {f"n{i}": f"negative {i}" for i in range(20)} | {"d1": "pos 1", "d2": "pos 2", "d9": "also relevant"}
-    batch = [Pair("q one", "pos 1", "d1", "q1", frozenset({"d1", "d9"})), Pair("q two", "pos 2", "d2", "q2",
-                                                                               frozenset({"d2"}))]
+    pool = {f"n{i}": f"negative {i}" for i in range(20)} | {
+        "d1": "pos 1",
+        "d2": "pos 2",
+        "d9": "also relevant",
+    }
+    batch = [
+        Pair("q one", "pos 1", "d1", "q1", frozenset({"d1", "d9"})),
+        Pair("q two", "pos 2", "d2", "q2", frozenset({"d2"})),
+    ]
     collate = PairCollator(_fake_tokenize, negatives=4, negative_pool=pool, seed=0)
     out = collate(batch)
     assert set(out) == {"query", "doc"} and set(out["doc"]) == {"input_ids", "attention_mask"}

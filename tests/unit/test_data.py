@@ -14,8 +14,12 @@ from resume.utils.config import CONFIG_DIR
 
 def _write(folder: Path, corpus: list, queries: list, qrels: dict[str, str]) -> Path:
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
-    (folder / "corpus.jsonl").write_text("".join((c if isinstance(c, str) else json.dumps(c)) + "\n" for c in corpus))
-    (folder / "queries.jsonl").write_text("".join((q if isinstance(q, str) else json.dumps(q)) + "\n" for q in queries))
+    (folder / "corpus.jsonl").write_text(
+        "".join((c if isinstance(c, str) else json.dumps(c)) + "\n" for c in corpus)
+    )
+    (folder / "queries.jsonl").write_text(
+        "".join((q if isinstance(q, str) else json.dumps(q)) + "\n" for q in queries)
+    )
     for split, text in qrels.items():
         (folder / "qrels" / f"{split}.tsv").write_text(text)
     return folder
@@ -43,11 +47,25 @@ def test_headerless_qrels_keep_first_row(tmp_path):
 @pytest.mark.parametrize(
     "corpus, queries, qrels, match",
     [
-        (['{"_id": "d1", "text": "x"}', '{"_id": "d2", "text": '], QUERIES, HEADER, r"corpus.jsonl:2: invalid JSON"),
-        ([{"_id": "d1", "text": "x"}, {"_id": "d2", "title": " ", "text": " "}], QUERIES, HEADER,
-         r"corpus.jsonl:2: document 'd2' has an empty text"),
+        (
+            ['{"_id": "d1", "text": "x"}', '{"_id": "d2", "text": '],
+            QUERIES,
+            HEADER,
+            r"corpus.jsonl:2: invalid JSON",
+        ),
+        (
+            [{"_id": "d1", "text": "x"}, {"_id": "d2", "title": " ", "text": " "}],
+            QUERIES,
+            HEADER,
+            r"corpus.jsonl:2: document 'd2' has an empty text",
+        ),
         ([{"text": "x"}], QUERIES, HEADER, r"corpus.jsonl:1: missing '_id'"),
-        ([{"_id": "d1", "text": "x"}, {"_id": "d1", "text": "y"}], QUERIES, HEADER, r"corpus.jsonl:2: duplicate document"),
+        (
+            [{"_id": "d1", "text": "x"}, {"_id": "d1", "text": "y"}],
+            QUERIES,
+            HEADER,
+            r"corpus.jsonl:2: duplicate document",
+        ),
         (DOCS, [{"_id": "q1", "text": ""}], HEADER, r"queries.jsonl:1: query 'q1' has an empty text"),
         (DOCS, QUERIES, HEADER + "q1\td1\t1\nq2\td9\t1\n", r"test.tsv:3: qrels name document 'd9'"),
         (DOCS, QUERIES, HEADER + "q7\td1\t1\n", r"test.tsv:2: qrels name query 'q7'"),
@@ -155,7 +173,9 @@ def test_beir_config_names_the_dataset_after_its_folder(tmp_path, monkeypatch):
 
 
 def test_beir_config_without_path_says_which_key_to_set():
-    with pytest.raises(InterpolationResolutionError, match=r"data.path is not set: data=beir needs data.path"):
+    with pytest.raises(
+        InterpolationResolutionError, match=r"data.path is not set: data=beir needs data.path"
+    ):
         _ = _beir_cfg(None).data.name
 
 
@@ -207,13 +227,17 @@ def test_unknown_qrels_drop_counts_docs_and_queries_per_split(tmp_path, caplog):
     assert data.split("test").qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}}
     assert data.split("test").queries == {"q1": "first", "q2": "second"}
     # q8/d9 names both: counted once, as an unknown query (the check made first)
-    expected = {"test": {"unknown_docs": 2, "unknown_queries": 2},
-                "train": {"unknown_docs": 0, "unknown_queries": 0}}
+    expected = {
+        "test": {"unknown_docs": 2, "unknown_queries": 2},
+        "train": {"unknown_docs": 0, "unknown_queries": 0},
+    }
     assert data.describe()["dropped_qrels"] == expected
     assert json.loads(json.dumps(data.describe()))["dropped_qrels"] == expected  # as results.json stores it
     assert [n for n in data.notes if "dropped" in n] == [
-        ("test: 2 qrels rows naming documents absent from corpus.jsonl and 2 naming queries absent from "
-         "queries.jsonl dropped (data.unknown_qrels=drop)")
+        (
+            "test: 2 qrels rows naming documents absent from corpus.jsonl and 2 naming queries absent from "
+            "queries.jsonl dropped (data.unknown_qrels=drop)"
+        )
     ]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # train dropped nothing: no warning for it
@@ -222,7 +246,9 @@ def test_unknown_qrels_drop_counts_docs_and_queries_per_split(tmp_path, caplog):
 
 def test_unknown_qrels_drop_of_every_row_names_the_file(tmp_path):
     f = _write(tmp_path, DOCS, QUERIES, {"test": HEADER + "q1\td9\t1\nq7\td1\t1\n"})
-    with pytest.raises(DataError, match=r"qrels/test.tsv: all 2 judgements were dropped under data.unknown_qrels"):
+    with pytest.raises(
+        DataError, match=r"qrels/test.tsv: all 2 judgements were dropped under data.unknown_qrels"
+    ):
         load_beir(f, ["test"], unknown_qrels="drop")
 
 

@@ -4,7 +4,14 @@ import math
 
 import pytest
 
-from resume.rewards.diagnostics import STOPWORDS, content_words, query_overlap, repetition_score, summary_stats, words
+from resume.rewards.diagnostics import (
+    STOPWORDS,
+    content_words,
+    query_overlap,
+    repetition_score,
+    summary_stats,
+    words,
+)
 
 # Table 4 of the paper: the generated summary ends by restating its first sentence.
 PAPER_SUMMARY = (

@@ -397,7 +397,8 @@ def test_sequence_logps_matches_manual_log_softmax(tiny_lm_dir):
 
 
 def test_sequence_logps_matches_trl(tiny_lm_dir, tmp_path):
-    """Same numbers as TRL's fused LM head (which the trainer patches into its model), temperature included."""
+    """Same numbers as TRL's fused LM head (which the trainer patches into its model), temperature
+    included."""
     trainer = _trainer(tiny_lm_dir, tmp_path, temperature=0.7)
     model = trainer.model.eval()
     ids, attn = _logps_batch()

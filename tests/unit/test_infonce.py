@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 from resume.retriever.loss import info_nce
 
-KEYS = {"retriever/train/loss", "retriever/train/accuracy", "retriever/train/pos_sim", "retriever/train/neg_sim"}
+KEYS = {
+    "retriever/train/loss",
+    "retriever/train/accuracy",
+    "retriever/train/pos_sim",
+    "retriever/train/neg_sim",
+}
 
 
 def test_2x2_hand_computed():
@@ -52,7 +57,9 @@ def test_temperature_sharpens_the_softmax():
         loss, _ = info_nce(q, d, temperature=tau)
         assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0 / tau)), rel=1e-5, abs=1e-7)
         losses.append(loss.item())
-    assert losses == sorted(losses) and losses[-1] == pytest.approx(math.log(2), abs=0.05)  # tau -> inf: log B
+    assert losses == sorted(losses) and losses[-1] == pytest.approx(
+        math.log(2), abs=0.05
+    )  # tau -> inf: log B
     # a misranked query: a lower temperature punishes it harder
     d_bad = torch.tensor([[0.6, 0.8], [1.0, 0.0]])  # cosines [[.6, 1], [.8, 0]]: both queries misranked
     lo, _ = info_nce(torch.eye(2), d_bad, temperature=0.05)
