@@ -129,3 +129,15 @@ def test_run_folder_check_compares_configs_as_data(tmp_path):
     _check_run_folder(tmp_path, "b:\n  d: [1, 2]\n  c: 2\na: 1\n")
     with pytest.raises(RuntimeError, match="different configuration"):
         _check_run_folder(tmp_path, "a: 1\nb:\n  c: 3\n  d: [1, 2]\n")
+
+
+def test_a_new_row_is_a_yaml_entry(compose_in_tmp):
+    """loop.eval_points adds rows without code: one reached (iteration 0), one the run never reaches
+    (iteration 1 of a T=0 run), which is reported, not silently dropped."""
+    points = "[{row: probe, iteration: 0, view: documents, splits: [test]}, {row: later, iteration: 1}]"
+    results = run(compose_in_tmp(["debug=smoke", "experiment=baseline", f"loop.eval_points={points}"]))
+    assert [(r["row"], r["split"]) for r in results["rows"]] == [
+        ("probe", "test"), ("baseline", "dev"), ("baseline", "test"),
+    ]  # fmt: skip
+    assert results["rows"][0]["metrics"] == results["rows"][-1]["metrics"]  # the same state, indexed twice
+    assert results["unreached_eval_points"] == ["later"]
