@@ -44,7 +44,7 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
     if group_size < 2:
         raise ValueError(
             f"num_generations (k) ({group_size}) must be >= 2 for group-relative advantages; "
-            "set summarizer.grpo.num_generations>=2"
+            "set grpo.config.num_generations>=2"
         )
     if rewards.dim() != 1:
         raise ValueError(

@@ -78,7 +78,7 @@ def test_all_equal_group_gives_zero_advantage(kind, scale):
 
 
 def test_advantage_validation():
-    with pytest.raises(ValueError, match=r"must be >= 2 .*summarizer.grpo.num_generations>=2"):
+    with pytest.raises(ValueError, match=r"must be >= 2 .*grpo.config.num_generations>=2"):
         group_advantages(torch.zeros(4), 1)
     with pytest.raises(ValueError, match="multiple of num_generations"):
         group_advantages(torch.zeros(5), 2)
