@@ -75,8 +75,7 @@ def run(cfg: DictConfig) -> dict:
                 raise TimeoutError(
                     f"shard.wait_minutes={cfg.shard.wait_minutes} passed with {len(docs) - n} of {len(docs)} "
                     f"summaries missing from {cache.folder} (files: {[p.name for p in cache.files()]}); "
-                    "rerun the "
-                    "missing ranks (each resumes its own shard), then this one"
+                    "rerun the missing ranks (each resumes its own shard), then this one"
                 )
             log.info("waiting for the other shards (%d of %d summaries in the cache)", n, len(docs))
             time.sleep(min(30.0, max(1.0, deadline - time.monotonic())))

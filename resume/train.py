@@ -55,8 +55,8 @@ def results_table(results: dict[str, Any]) -> str:
         vals = " | ".join(f"{row['metrics'][m]:.4f}" for m in names)
         corpus = f"{row['corpus']['name']}: {row['corpus']['size']} {row['view']}"
         lines.append(
-            f"| {row['row']} | {results['ablation']} | {row['split']} | {corpus} | {row['num_queries']} | "
-            f"{vals} |"
+            f"| {row['row']} | {results['ablation']} | {row['split']} | {corpus} | "
+            f"{row['num_queries']} | {vals} |"
         )
     return "\n".join(lines)
 

@@ -278,7 +278,7 @@ def load_beir(
             )
     missing = [s for s in splits if not (folder / "qrels" / f"{s}.tsv").is_file()]
     if missing:
-        have = sorted(p.stem for p in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []
+        have = available_splits(folder)
         raise DataError(
             f"{folder / 'qrels'}: split(s) {missing} not found (available: {have}); fix data.splits"
         )

@@ -105,9 +105,8 @@ def subset(
     )
     if len(required) > max_docs:
         raise DataError(
-            f"data.max_docs={max_docs} is smaller than the {len(required)} documents judged relevant to the "
-            "kept "
-            f"queries; raise data.max_docs or lower data.max_queries"
+            f"data.max_docs={max_docs} is smaller than the {len(required)} documents judged relevant to "
+            "the kept queries; raise data.max_docs or lower data.max_queries"
         )
     required_set = set(required)
     others = sorted(d for d in data.corpus if d not in required_set)
@@ -119,9 +118,8 @@ def subset(
         qrels = {q: {d: g for d, g in docs.items() if d in kept} for q, docs in sp.qrels.items()}
         data.splits[name] = Split(name, sp.queries, qrels)
     data.notes.append(
-        f"corpus: {max_docs} of {n_before} documents (all {len(required)} relevant to kept queries + seeded "
-        "random fill, "
-        f"seed {seed})"
+        f"corpus: {max_docs} of {n_before} documents (all {len(required)} relevant to kept queries + "
+        f"seeded random fill, seed {seed})"
     )
 
 

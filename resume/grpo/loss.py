@@ -53,8 +53,7 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
     if rewards.numel() == 0 or rewards.numel() % group_size != 0:
         raise ValueError(
             f"rewards has {rewards.numel()} entries, not a positive multiple of num_generations (k) = "
-            f"{group_size}; "
-            "pass the k completions of every prompt, group by group"
+            f"{group_size}; pass the k completions of every prompt, group by group"
         )
     if not torch.isfinite(rewards).all():
         # TRL turns unscorable (None) rewards into NaN and zeroes their advantage; our reward always
@@ -386,8 +385,7 @@ def sequence_logps(
     if not 0 < logits_to_keep < input_ids.size(1):
         raise ValueError(
             f"logits_to_keep ({logits_to_keep}) must be in [1, {input_ids.size(1) - 1}]: the completion "
-            "must follow "
-            "at least one prompt token"
+            "must follow at least one prompt token"
         )
     batch_size = batch_size or input_ids.size(0)
     all_logps, all_entropies = [], []

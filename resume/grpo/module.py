@@ -57,12 +57,10 @@ from resume.utils.optim import decay_groups
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # params -> optimizer
-SchedulerFactory = Callable[
-    ..., torch.optim.lr_scheduler.LRScheduler
-]  # (optimizer, total_steps=) -> scheduler
-VAL_SEED_OFFSET = (
-    1_000_000_007  # the reward's negatives for validation: one fixed draw, apart from every step's
-)
+# (optimizer, total_steps=) -> scheduler
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+# The reward's negatives for validation: one fixed draw, apart from every step's.
+VAL_SEED_OFFSET = 1_000_000_007
 
 
 class GRPOModule(pl.LightningModule):
@@ -133,9 +131,7 @@ class GRPOModule(pl.LightningModule):
         # frozen copy, made only when the KL term needs it.
         self.reference: torch.nn.Module | None = None
         if config.beta > 0 and self._peft is None:
-            given = getattr(summarizer, "reference_model", None)
-            self.reference = given if given is not None else copy.deepcopy(policy)
-            self.reference.requires_grad_(False).eval()
+            self.reference = copy.deepcopy(policy).requires_grad_(False).eval()
         trainable = [p for p in policy.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the summarizer has no trainable parameter")
@@ -401,9 +397,14 @@ class GRPOModule(pl.LightningModule):
         advantages: Tensor,
     ) -> None:
         rows = sample_rows(
-            step, doc_ids, completions, rewards, advantages, self.summarizer.separator,
+            step,
+            doc_ids,
+            completions,
+            rewards,
+            advantages,
+            self.summarizer.separator,
             self.config.log_completions_rows,
-        )  # fmt: skip
+        )
         write_samples(rows, step, self.out_dir, self.loggers)
 
     def _write_history(self) -> None:

@@ -42,8 +42,8 @@ _OWNED_TRAINER_KEYS = (
     "use_distributed_sampler",
 )
 _TRAINER_FIX = (
-    "use grpo.config (steps, max_grad_norm, mini_batch_size, checkpoint_every) and the loggers argument "
-    "instead"
+    "use grpo.config (steps, max_grad_norm, mini_batch_size, checkpoint_every) and the loggers "
+    "argument instead"
 )
 ITERATION_SEED_STRIDE = 1000  # iteration t trains with seed config.seed + 1000 t: new documents and samples
 

@@ -72,8 +72,7 @@ class Loop:
             if missing:
                 raise ValueError(
                     f"loop.eval_points row {point.row!r} names split(s) {missing}, which dataset "
-                    f"{data.name!r} "
-                    f"lacks (have {sorted(data.splits)}); fix its `splits`"
+                    f"{data.name!r} lacks (have {sorted(data.splits)}); fix its `splits`"
                 )
             if point.view == "summaries" and (summarizer is None or summarize is None):
                 raise ValueError(f"loop.eval_points row {point.row!r} indexes summaries: set a summarizer")
@@ -110,6 +109,10 @@ class Loop:
 
     def documents(self) -> dict[str, str]:
         return self.data.full_texts()
+
+    def _texts(self, view: str, iteration: int) -> dict[str, str]:
+        """What `view` indexes after `iteration`: the documents, or that iteration's summaries."""
+        return self.documents() if view == "documents" else self.summaries(f"iter{iteration}")
 
     def summaries(self, label: str) -> dict[str, str]:
         """Summaries of the whole corpus by the current summarizer (cached by weights and settings)."""
@@ -196,12 +199,13 @@ class Loop:
                     lambda rec: self.retriever.load_weights(rec["retriever"]),
                 )
             rows += self._points(t, "adapted")
-            select = cfg.select_split
+            select, selected = cfg.select_split, {}
             if select is not None and select in self.data.splits:
-                it[select] = self.evaluate_row(f"iter{t}", texts, "summaries", [select])[0]["metrics"]
+                selected = it[select] = self.evaluate_row(f"iter{t}", texts, "summaries", [select])[0][
+                    "metrics"
+                ]
             it["summaries"] = self.summary_stats.get(f"iter{t}", {})
             iterations.append(it)
-            selected = it.get(select, {}) if select is not None else {}
             self.log_metrics(
                 {"loop/iteration": t, **{f"loop/{select}/{k}": v for k, v in selected.items()}}, t
             )
@@ -222,9 +226,7 @@ class Loop:
                 it["stopped"] = True
                 break
             previous = watched if watched is not None else previous
-        final_texts = (
-            self.documents() if self.corpus_view == "documents" else self.summaries(f"iter{len(iterations)}")
-        )
+        final_texts = self._texts(self.corpus_view, len(iterations))
         rows += self.evaluate_row(self.row_name, final_texts, self.corpus_view)
         outcome = {
             "rows": rows,
@@ -246,7 +248,7 @@ class Loop:
         for point in self.config.eval_points:
             if point.iteration != iteration or point.stage != stage:
                 continue
-            texts = self.documents() if point.view == "documents" else self.summaries(f"iter{iteration}")
+            texts = self._texts(point.view, iteration)
             rows += self.evaluate_row(point.row, texts, point.view, list(point.splits) or None)
         return rows
 

@@ -61,8 +61,8 @@ def training_pairs(split: Split, doc_texts: Mapping[str, str], min_grade: int = 
     if missing:
         raise ValueError(
             f"{len(missing)} judged-relevant (query, doc) pairs of split {split.name!r} name documents "
-            "without a "
-            f"text in doc_texts (e.g. {sorted(set(missing))[:5]}); summarize every judged document first"
+            f"without a text in doc_texts (e.g. {sorted(set(missing))[:5]}); summarize every judged "
+            "document first"
         )
     return pairs
 
@@ -88,8 +88,7 @@ class PairCollator:
         if self.negatives > len(self._pool_ids):
             raise ValueError(
                 f"hard_negatives ({self.negatives}) exceeds the {len(self._pool_ids)} documents available "
-                "to draw "
-                f"them from; lower adaptation.hard_negatives or pass doc_texts"
+                "to draw them from; lower adaptation.hard_negatives or pass doc_texts"
             )
 
     def sample_negatives(self, batch: Sequence[Pair]) -> list[str]:
@@ -105,8 +104,7 @@ class PairCollator:
                         return list(chosen)
         raise ValueError(
             f"could not draw {self.negatives} documents outside the {len(excluded)} relevant to this batch "
-            "from "
-            f"{len(self._pool_ids)}; lower adaptation.hard_negatives"
+            f"from {len(self._pool_ids)}; lower adaptation.hard_negatives"
         )
 
     def __call__(self, batch: Sequence[Pair]) -> dict[str, dict[str, torch.Tensor]]:

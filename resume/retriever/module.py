@@ -85,9 +85,8 @@ class DenseRetriever(pl.LightningModule):
         self.doc_prefix = doc_prefix
         self.precision_mode = precision
         self.name = name
-        self.temperature = (
-            temperature  # InfoNCE temperature of adaptation: tuned with the model, so kept with it
-        )
+        # InfoNCE temperature of adaptation: tuned with the model, so kept with it
+        self.temperature = temperature
         # The HF pooler head (BertModel.pooler: dense + tanh on [CLS]) is never read by `pool`; frozen, it
         # gets no optimizer state and DDP does not wait for gradients it will never receive.
         if isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
