@@ -26,7 +26,7 @@ from resume.data.beir import load_corpus
 from resume.summaries import summarize_corpus, summary_stats
 from resume.summarizer.generate import Completion, GenerationParams
 from resume.summarizer.module import SummarizerModule  # imported before the fork: the child reuses it
-from resume.utils.config import CONFIG_DIR
+from resume.utils.config import compose_node
 
 CHILD = Path(__file__).parent / "helpers" / "summarize_child.py"
 N_DOCS, BATCH = 12, 3
@@ -44,6 +44,9 @@ class CountingBackend:
         self.calls += 1
         self.prompts.extend(prompts)
         return self.inner.generate(prompts, params)
+
+    def describe(self):  # the same engine: the same summary cache key
+        return self.inner.describe()
 
 
 def write_corpus(path: Path) -> Path:
@@ -69,7 +72,7 @@ def write_corpus(path: Path) -> Path:
 
 
 def tiny_summarizer() -> SummarizerModule:
-    cfg = OmegaConf.create({"seed": 0, "summarizer": OmegaConf.load(CONFIG_DIR / "summarizer" / "tiny.yaml")})
+    cfg = OmegaConf.create({"seed": 0, "summarizer": compose_node("summarizer", ["summarizer=tiny"])})
     return instantiate(cfg.summarizer)
 
 

@@ -13,13 +13,11 @@ from omegaconf import OmegaConf
 from resume.summarizer.generate import GenerationBackend, GenerationParams, HFBackend
 from resume.summarizer.module import SummarizerModule, build_summarizer
 from resume.summarizer.prompts import PromptTemplate
-from resume.utils.config import CONFIG_DIR
+from resume.utils.config import CONFIG_DIR, compose_node
 
 
 def tiny_cfg(seed: int = 0):
-    return OmegaConf.create(
-        {"seed": seed, "summarizer": OmegaConf.load(CONFIG_DIR / "summarizer" / "tiny.yaml")}
-    )
+    return OmegaConf.create({"seed": seed, "summarizer": compose_node("summarizer", ["summarizer=tiny"])})
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +70,7 @@ def test_few_shot_examples_become_earlier_turns(summarizer):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "summarizer").glob("*.yaml")))
 def test_summarizer_configs_hold_valid_prompts_and_decoding(name):
-    cfg = OmegaConf.create({"seed": 0, "s": OmegaConf.load(CONFIG_DIR / "summarizer" / f"{name}.yaml")})
+    cfg = OmegaConf.create({"seed": 0, "s": compose_node("summarizer", [f"summarizer={name}"])})
     s = OmegaConf.to_container(cfg, resolve=True)["s"]
     assert s["_target_"] == "resume.summarizer.module.build_summarizer"
     prompt = PromptTemplate(**s["prompt"])

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from resume.grpo.loss import ADVANTAGE_KINDS, LOSS_TYPES
+from resume.grpo.loss import ADVANTAGE_KINDS, IMPORTANCE_SAMPLING_MODES, LOSS_TYPES
+
+IMPORTANCE_SAMPLING_SETTINGS = ("auto", "off", *IMPORTANCE_SAMPLING_MODES)
 
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 # Fields that may differ between a checkpoint and the run resuming it (they do not change the steps taken).
@@ -52,6 +54,12 @@ class GRPOConfig:
     top_p: float | None = None
     top_k: int | None = None
     max_new_tokens: int | None = None
+    # Off-policy correction of rollouts from another engine (TRL's vllm_importance_sampling_*): auto =
+    # token_truncate when the engine reports log-probs and generates in another dtype than the policy
+    # trains in, else off. Also: off | token_truncate | token_mask | sequence_truncate | sequence_mask.
+    importance_sampling: str = "auto"
+    importance_sampling_cap: float | None = 3.0  # upper bound of the weight (TRL's clip_max)
+    importance_sampling_floor: float | None = None  # lower bound; None = none (TRL's clip_min)
     gradient_checkpointing: bool = False  # recompute activations in backward (memory for compute)
     lora: dict[str, Any] | None = None  # None = full fine-tuning; else {r, alpha, dropout, target_modules}
     log_completions_every: int = 10  # write a table of sample completions every N steps; 0 = never
@@ -89,6 +97,16 @@ class GRPOConfig:
             fail(f"loss_type={self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
         if self.advantage not in ADVANTAGE_KINDS:
             fail(f"advantage={self.advantage!r} is not one of {', '.join(ADVANTAGE_KINDS)}")
+        if self.importance_sampling not in IMPORTANCE_SAMPLING_SETTINGS:
+            fail(
+                f"importance_sampling={self.importance_sampling!r} is not one of "
+                f"{', '.join(IMPORTANCE_SAMPLING_SETTINGS)}"
+            )
+        cap, floor = self.importance_sampling_cap, self.importance_sampling_floor
+        if cap is not None and cap <= 0 or floor is not None and floor < 0:
+            fail(f"importance_sampling_cap ({cap}) must be > 0 and importance_sampling_floor ({floor}) >= 0")
+        if cap is not None and floor is not None and floor >= cap:
+            fail(f"importance_sampling_floor ({floor}) must be below importance_sampling_cap ({cap})")
         if self.advantage_temperature <= 0:
             fail(f"advantage_temperature ({self.advantage_temperature}) must be > 0")
         if self.epsilon_low < 0 or self.epsilon_high < 0:

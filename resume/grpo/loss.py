@@ -15,6 +15,8 @@ Layout conventions (the same as TRL's):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
@@ -23,12 +25,16 @@ ADVANTAGE_KINDS = ("zscore", "softmax")
 # Normalisations of the summed per-token loss, under TRL 1.16's names. TRL's other loss types
 # ("cispo", "sapo", "vespo", "luspo") change the surrogate itself, not its normalisation.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# Off-policy corrections for rollouts sampled by another engine (TRL's `vllm_importance_sampling_mode`).
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 __all__ = [
     "ADVANTAGE_KINDS",
+    "IMPORTANCE_SAMPLING_MODES",
     "LOSS_TYPES",
     "group_advantages",
     "grpo_loss",
+    "importance_weights",
     "masked_mean",
     "microbatch_weight",
     "per_token_loss",
@@ -142,6 +148,7 @@ def per_token_loss(
     ref_logps: Tensor | None = None,
     delta: float | None = None,
     kl_ratio_correction: bool = True,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Token-level clipped surrogate of GRPO, plus `beta` times the k3 KL to the reference.
 
@@ -167,6 +174,8 @@ def per_token_loss(
             TRL `GRPOConfig.delta`); `None` disables it. It does not cap the KL weight, as in TRL.
         kl_ratio_correction: weight the KL term by the (uncapped) ratio, TRL's
             `use_bias_correction_kl`.
+        is_weights: `[B, T]` or `[B, 1]` off-policy weights (`importance_weights`) multiplying the
+            whole per-token loss, KL included, as TRL applies its vLLM correction; None = 1.
 
     Returns:
         The unreduced `[B, T]` loss (padding positions hold values; `reduce_loss` masks them)
@@ -210,6 +219,8 @@ def per_token_loss(
         if beta > 0:
             loss = loss + beta * kl
         stats["kl"] = masked_mean(kl.detach(), mask).item()
+    if is_weights is not None:
+        loss = loss * is_weights.to(loss.dtype)
     stats.update(_clip_stats(ratio.detach(), adv.detach(), mask, epsilon_low, epsilon_high))
     return loss, stats
 
@@ -238,6 +249,72 @@ def _clip_stats(
         "ratio/min": active.min().item() if active.numel() else nan,
         "ratio/max": active.max().item() if active.numel() else nan,
     }
+
+
+# --------------------------------------------------------------------------- off-policy correction
+def importance_weights(
+    old_logps: Tensor,
+    sampling_logps: Tensor,
+    mask: Tensor,
+    *,
+    mode: str = "token_truncate",
+    cap: float | None = 3.0,
+    floor: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance weights `pi_old / pi_engine` for rollouts sampled by another engine.
+
+    A vLLM engine in bf16 samples from slightly other probabilities than the fp32 policy that is
+    trained, so its rollouts are slightly off-policy. Each token's loss is multiplied by
+    `w = exp(old_logps - sampling_logps)` (TRL's `vllm_importance_sampling_correction`):
+
+    - `token_*`: one weight per token; `sequence_*`: one per completion, `exp(sum of the differences)`;
+    - `*_truncate`: `w` clamped to `[floor, cap]` (truncated IS, bounded variance);
+      `*_mask`: weights outside `[floor, cap]` set to 0 (the token or sequence is dropped).
+
+    Tokens outside `mask`, and tokens whose engine log-prob is NaN, get a difference of 0 (weight 1).
+
+    Args:
+        old_logps: `[B, T]` log-probs under the policy at rollout time (no grad).
+        sampling_logps: `[B, T]` log-probs the engine reported for the same tokens.
+        mask: `[B, T]` completion mask.
+
+    Returns:
+        `w` (`[B, T]` for token modes, `[B, 1]` for sequence modes, detached) and stats
+        `is_ratio_mean`, `is_ratio_min`, `is_ratio_max` (over completion tokens, or sequences),
+        `is_masked_fraction` (mask modes), `logp_difference_mean`, `logp_difference_max` (|old - engine|).
+    """
+    if mode not in IMPORTANCE_SAMPLING_MODES:
+        raise ValueError(
+            f"importance sampling mode {mode!r} is not one of {', '.join(IMPORTANCE_SAMPLING_MODES)}"
+        )
+    _check_shapes(old_logps, mask, sampling_logps=sampling_logps)
+    active = mask.bool()
+    diff = torch.nan_to_num((old_logps - sampling_logps).detach(), nan=0.0) * active
+    per_sequence = mode.startswith("sequence")
+    log_w = diff.sum(dim=1, keepdim=True) if per_sequence else diff
+    w = torch.exp(log_w)
+    low = -math.inf if floor is None else floor
+    high = math.inf if cap is None else cap
+    outside = (w < low) | (w > high)
+    if mode.endswith("truncate"):
+        w = torch.clamp(w, min=floor, max=cap)
+    else:
+        w = w.masked_fill(outside, 0.0)
+    rows = active.any(dim=1, keepdim=True)
+    shown = w[rows.squeeze(1)].flatten() if per_sequence else w[active]
+    gap = diff.abs()[active]
+    nan = float("nan")
+    stats = {
+        "is_ratio_mean": shown.mean().item() if shown.numel() else nan,
+        "is_ratio_min": shown.min().item() if shown.numel() else nan,
+        "is_ratio_max": shown.max().item() if shown.numel() else nan,
+        "logp_difference_mean": gap.mean().item() if gap.numel() else nan,
+        "logp_difference_max": gap.max().item() if gap.numel() else nan,
+    }
+    if mode.endswith("mask"):
+        hit = outside[rows.squeeze(1)].flatten() if per_sequence else outside[active]
+        stats["is_masked_fraction"] = hit.float().mean().item() if hit.numel() else nan
+    return w, stats
 
 
 # --------------------------------------------------------------------------- reduction
@@ -317,6 +394,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_active_tokens: float | Tensor | None = None,
     entropies: Tensor | None = None,
+    is_weights: Tensor | None = None,
     prefix: str = "",
 ) -> tuple[Tensor, dict[str, float]]:
     """The full GRPO loss: `per_token_loss` reduced by `reduce_loss`.
@@ -338,6 +416,7 @@ def grpo_loss(
         ref_logps=ref_logps,
         delta=delta,
         kl_ratio_correction=kl_ratio_correction,
+        is_weights=is_weights,
     )
     loss = reduce_loss(
         per_token,

@@ -45,13 +45,14 @@ from resume.grpo.lora import add_lora
 from resume.grpo.loss import (
     group_advantages,
     grpo_loss,
+    importance_weights,
     microbatch_weight,
     sequence_logps,
     zero_variance_fraction,
 )
 from resume.grpo.rollouts import PackedBatch, doc_pair, pack_completions
 from resume.summarizer.generate import Completion, GenerationParams
-from resume.utils.devices import seeded
+from resume.utils.devices import dtype_name, seeded
 from resume.utils.optim import decay_groups
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,7 @@ class GRPOModule(pl.LightningModule):
         t2 = time.perf_counter()
         stats = self._update(completions, advantages)
         t3 = time.perf_counter()
+        sync = self.summarizer.sync_weights()  # the engine generates the next rollouts from the new weights
 
         lengths = torch.tensor([c.num_tokens for c in completions], dtype=torch.float32)
         stats.update(
@@ -283,6 +285,7 @@ class GRPOModule(pl.LightningModule):
                 "time/generate": t1 - t0,
                 "time/reward": t2 - t1,
                 "time/update": t3 - t2,
+                "time/sync": sync,
             }
         )
         if cfg.log_completions_every and step % cfg.log_completions_every == 0:
@@ -307,6 +310,29 @@ class GRPOModule(pl.LightningModule):
         self.reference.eval()  # Lightning's train() reaches every submodule
         return self._logps(self.reference, packed)[0]
 
+    def importance_sampling_mode(self, completions: Sequence[Completion]) -> str | None:
+        """The off-policy correction this batch gets (`config.importance_sampling`), or None.
+
+        `auto` corrects when the engine reported log-probs and generates in another dtype than the
+        policy trains in (a bf16 vLLM engine, an fp32 policy): its samples come from slightly other
+        probabilities. With the same dtype and synced weights the rollouts are on-policy.
+        """
+        setting = self.config.importance_sampling
+        has_logps = all(c.logprobs is not None for c in completions)
+        if setting == "off":
+            return None
+        if setting != "auto":
+            if not has_logps:
+                raise ValueError(
+                    f"grpo.config.importance_sampling={setting} needs the engine's log-probs, and the "
+                    f"{self.summarizer.backend_info().get('engine')} backend reports none; use "
+                    "summarizer/backend=vllm (logprobs: true) or importance_sampling=off"
+                )
+            return setting
+        engine_dtype = self.summarizer.backend_info().get("dtype")
+        policy_dtype = dtype_name(next(self.policy.parameters()).dtype)
+        return "token_truncate" if has_logps and engine_dtype != policy_dtype else None
+
     def _update(self, completions: Sequence[Completion], advantages: Tensor) -> dict[str, float]:
         """`num_iterations` optimizer steps on one rollout batch; returns the loss statistics."""
         cfg = self.config
@@ -318,9 +344,25 @@ class GRPOModule(pl.LightningModule):
         ]
         num_tokens = float(sum(c.num_tokens for c in completions))
         advantages = advantages.to(self.device)
-        with torch.no_grad():
-            old = [self._logps(self.policy, ch)[0] if cfg.num_iterations > 1 else None for ch in chunks]
+        is_mode = self.importance_sampling_mode(completions)
+        with torch.no_grad():  # the sampling policy's log-probs: needed off-policy (mu > 1, another engine)
+            need_old = cfg.num_iterations > 1 or is_mode is not None
+            old = [self._logps(self.policy, ch)[0] if need_old else None for ch in chunks]
         ref = [self._reference_logps(ch) if cfg.beta > 0 else None for ch in chunks]
+        weights: list[tuple[Tensor | None, dict[str, float]]] = [(None, {})] * len(chunks)
+        if is_mode is not None:
+            weights = []
+            for chunk, old_logps in zip(chunks, old):
+                assert chunk.sampling_logps is not None and old_logps is not None
+                w, w_stats = importance_weights(
+                    old_logps,
+                    chunk.sampling_logps.to(self.device),
+                    chunk.completion_mask.to(self.device),
+                    mode=is_mode,
+                    cap=cfg.importance_sampling_cap,
+                    floor=cfg.importance_sampling_floor,
+                )
+                weights.append((w, {f"train/{k}": v for k, v in w_stats.items()}))
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
@@ -329,7 +371,7 @@ class GRPOModule(pl.LightningModule):
         for _ in range(cfg.num_iterations):
             optimizer.zero_grad()
             pass_loss = 0.0
-            for chunk, old_logps, ref_logps in zip(chunks, old, ref):
+            for chunk, old_logps, ref_logps, (is_w, is_stats) in zip(chunks, old, ref, weights):
                 logps, entropies = self._logps(self.policy, chunk)
                 loss, stats = grpo_loss(
                     logps,
@@ -346,8 +388,10 @@ class GRPOModule(pl.LightningModule):
                     max_completion_length=self.rollout.max_new_tokens,
                     num_active_tokens=num_tokens,
                     entropies=entropies,
+                    is_weights=is_w,
                     prefix="train/",
                 )
+                stats = {**stats, **is_stats}
                 weight = microbatch_weight(cfg.loss_type, chunk.rows.stop - chunk.rows.start, size)
                 self.manual_backward(loss * weight)
                 pass_loss += float(loss.detach()) * weight

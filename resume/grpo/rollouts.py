@@ -103,6 +103,7 @@ class PackedBatch:
     attention_mask: Tensor  # [B, P + C]
     completion_mask: Tensor  # [B, C], 1 on completion tokens (EOS included when generated)
     rows: slice  # the rows of the rollout batch
+    sampling_logps: Tensor | None = None  # [B, C] the engine's log-probs, when every row has them
 
     @property
     def width(self) -> int:
@@ -121,13 +122,21 @@ def pack_completions(
     width = max(c.num_tokens for c in completions)
     ids = torch.full((len(completions), prompt_width + width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
+    has_logps = all(c.logprobs is not None and len(c.logprobs) == c.num_tokens for c in completions)
+    sampling = torch.zeros((len(completions), width), dtype=torch.float32) if has_logps else None
     for row, c in enumerate(completions):
         start = prompt_width - c.prompt_length
         ids[row, start:prompt_width] = torch.tensor(c.prompt_ids, dtype=torch.long)
         ids[row, prompt_width : prompt_width + c.num_tokens] = torch.tensor(c.token_ids, dtype=torch.long)
         mask[row, start : prompt_width + c.num_tokens] = 1
+        if sampling is not None:
+            sampling[row, : c.num_tokens] = torch.tensor(c.logprobs, dtype=torch.float32)
     return PackedBatch(
-        ids, mask, mask[:, prompt_width:], rows if rows is not None else slice(0, len(completions))
+        ids,
+        mask,
+        mask[:, prompt_width:],
+        rows if rows is not None else slice(0, len(completions)),
+        sampling,
     )
 
 

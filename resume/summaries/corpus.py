@@ -94,11 +94,22 @@ def cache_for(
     key_parts = {
         "fingerprint": summarizer.fingerprint(),
         "generation": params.key(),
+        # The engine and its dtype change greedy outputs too (bf16 vs fp32, vLLM vs HF kernels).
+        "engine": _engine_key(summarizer),
         "prompt": summarizer.prompt.describe(),
         "separator": summarizer.separator,
     }
-    info = {"model": summarizer.name, "generation_params": params.describe()}
+    info = {
+        "model": summarizer.name,
+        "generation_params": params.describe(),
+        "engine": _engine_key(summarizer),
+    }
     return SummaryCache(cache_dir, key_parts, label=summarizer.name, info=info, shard=shard)
+
+
+def _engine_key(summarizer: Any) -> dict[str, Any]:
+    info = summarizer.backend_info() if callable(getattr(summarizer, "backend_info", None)) else {}
+    return {k: info[k] for k in ("engine", "dtype") if k in info}
 
 
 def _checked(params: GenerationParams, fallback: str, batch_size: int) -> None:

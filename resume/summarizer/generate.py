@@ -3,29 +3,28 @@
 `GenerationBackend.generate(prompts, params)` takes rendered prompt strings (chat template
 already applied, see `prompts.py`) and returns, for each prompt in input order, a list of
 `params.num_return_sequences` `Completion`s. Everything the rest of the code needs is in a
-`Completion`: the decoded text (for parsing and the reward) and the exact prompt and
-completion token ids (for a GRPO trainer to recompute log-probabilities under the policy
-and the reference model).
+`Completion`: the decoded text (for parsing and the reward), the exact prompt and completion
+token ids (for a GRPO trainer to recompute log-probabilities under the policy and the reference
+model) and, when the engine reports them, the sampled tokens' log-probabilities under the
+engine's own numerics (for the off-policy correction of `resume.grpo.loss.importance_weights`).
 
-`HFBackend` runs `model.generate` from transformers. A vLLM backend fits the same
-interface without any caller changing: map `GenerationParams` onto `vllm.SamplingParams`
-(`n=num_return_sequences`, `temperature=0` for greedy, `top_k=-1` for "off", `top_p`,
-`max_tokens=max_new_tokens`, `seed`), pass the prompts as token ids encoded with
-`add_special_tokens=False`, and build each `Completion` from `RequestOutput.prompt_token_ids`
-and `CompletionOutput.token_ids` / `.text` / `.finish_reason == "stop"`. Syncing trained
-weights into the engine is then that backend's own method, called by the trainer between
-steps.
+Two engines implement it: `HFBackend` here (`model.generate` from transformers, reading the
+live model) and `resume.summarizer.vllm_backend.VLLMBackend` (vLLM, CPU or GPU; trained weights
+are synced into it). Config picks one (`summarizer/backend=hf|vllm|auto`, conf/summarizer/backend/).
+A backend that keeps its own copy of the weights re-reads them when they changed
+(`weights_version`), so no caller has to remember to sync.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from resume.utils.devices import seeded
+from resume.utils.devices import dtype_name, generation_dtype, seeded
 
 
 @dataclass(frozen=True)
@@ -111,6 +110,9 @@ class Completion:
     token_ids: list[int]
     prompt_ids: list[int] = field(repr=False)
     finished: bool
+    # log p(token) of each generated token under the engine that sampled it (after temperature), or None
+    # when the engine does not report them (HFBackend).
+    logprobs: list[float] | None = field(default=None, repr=False)
 
     @property
     def prompt_length(self) -> int:
@@ -124,11 +126,26 @@ class Completion:
 
 @runtime_checkable
 class GenerationBackend(Protocol):
-    """Anything that turns rendered prompts into completions (HF generate today, vLLM later)."""
+    """Anything that turns rendered prompts into completions (`HFBackend`, `VLLMBackend`).
+
+    Optional methods a caller looks up with `getattr`: `sync_weights() -> float` (push the model's
+    current weights into the engine now; seconds taken), `describe() -> dict` (what changes the output:
+    engine and dtype, part of the summary cache key) and `release()` (free the engine's memory).
+    """
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
         """One inner list of `params.num_return_sequences` completions per prompt, in input order."""
         ...
+
+
+def weights_version(model: torch.nn.Module) -> tuple[Any, ...]:
+    """A cheap key that changes whenever a parameter of `model` is written to or replaced.
+
+    Every in-place write (an optimizer step, `load_state_dict`, `copy_`) bumps a tensor's version
+    counter, and moving or re-creating a parameter changes its storage; reading the key touches no
+    weight, so it costs microseconds even for a 4B model.
+    """
+    return (id(model),) + tuple((n, p.data_ptr(), p._version) for n, p in model.named_parameters())
 
 
 # `generate` arguments a backend or GenerationParams sets; generate_kwargs may not.
@@ -170,6 +187,10 @@ class HFBackend:
       same (up to float rounding: the shared prefix is computed at batch size 1). On 2 CPU
       cores it cut SmolLM2's prefill of 8 SciFact prompts from 15.4 s to 4.1 s + 1.4 s
       once. It engages when the common prefix has at least `min_prefix_tokens` tokens.
+    - `dtype`: generate in another dtype than the model's (`auto`: bf16 on a GPU and on a CPU with
+      AMX / AVX512-BF16, fp32 elsewhere; None: the model's own). The backend then keeps a copy of the
+      model in that dtype, refreshed whenever the model's weights changed (`weights_version`), so an
+      fp32 policy can train while generation runs at bf16 speed (3x on this kind of CPU).
     - `generate_kwargs` go to every `model.generate` call, e.g. `{cache_implementation: static}`
       (a preallocated KV cache, what `torch.compile`d decoding on a GPU needs). A cache
       implementation replaces the shared-prefix cache for that backend (they cannot be combined:
@@ -185,6 +206,7 @@ class HFBackend:
         prefix_cache: bool = True,
         min_prefix_tokens: int = 32,
         generate_kwargs: dict[str, Any] | None = None,
+        dtype: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"summarizer.batch_size ({batch_size}) must be >= 1")
@@ -203,6 +225,54 @@ class HFBackend:
         self.prefix_cache = prefix_cache and "cache_implementation" not in self.generate_kwargs
         self.min_prefix_tokens = min_prefix_tokens
         self.last_prefix_length = 0  # tokens served from the shared-prefix cache in the last call
+        self.dtype_setting = dtype
+        self._copy: torch.nn.Module | None = None  # the model in the generation dtype, when it differs
+        self._copy_version: tuple[Any, ...] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        own = next(self.model.parameters()).dtype
+        if self.dtype_setting is None:
+            return own
+        return generation_dtype(self.dtype_setting, next(self.model.parameters()).device)
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "hf", "dtype": dtype_name(self.dtype)}
+
+    def sync_weights(self) -> float:
+        """Refresh the generation-dtype copy now (otherwise done at the next `generate`); seconds."""
+        t0 = time.perf_counter()
+        self._generation_model()
+        return time.perf_counter() - t0
+
+    def release(self) -> None:
+        self._copy, self._copy_version = None, None
+
+    def _generation_model(self) -> torch.nn.Module:
+        """The model itself, or its copy in the generation dtype with the model's current weights."""
+        dtype = self.dtype
+        if dtype == next(self.model.parameters()).dtype:
+            self._copy = None
+            return self.model
+        version = weights_version(self.model)
+        if self._copy is not None and self._copy_version == version:
+            return self._copy
+        names = [n for n, _ in self.model.named_parameters()]
+        if self._copy is None or [n for n, _ in self._copy.named_parameters()] != names:
+            grads = {n: p.grad for n, p in self.model.named_parameters()}
+            for p in self.model.parameters():
+                p.grad = None  # not copied: a copy only generates
+            try:
+                self._copy = copy.deepcopy(self.model).to(dtype).requires_grad_(False).eval()
+            finally:
+                for n, p in self.model.named_parameters():
+                    p.grad = grads[n]
+        else:
+            with torch.no_grad():
+                for mine, theirs in zip(self._copy.parameters(), self.model.parameters()):
+                    mine.copy_(theirs)
+        self._copy_version = version
+        return self._copy
 
     def eos_ids(self) -> list[int]:
         """Every token id that ends a completion: the generation config's and the tokenizer's EOS."""
@@ -266,11 +336,12 @@ class HFBackend:
         )
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
-    def _prefix_kv(self, prefix: list[int], device: torch.device) -> Any:
+    @staticmethod
+    def _prefix_kv(model: Any, prefix: list[int], device: torch.device) -> Any:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
         return cache
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
@@ -289,11 +360,12 @@ class HFBackend:
         p = p if p >= self.min_prefix_tokens else 0
         self.last_prefix_length = p
         results: list[list[Completion] | None] = [None] * len(prompts)
-        was_training = self.model.training
-        self.model.eval()
+        model = self._generation_model()
+        was_training = model.training
+        model.eval()
         try:
             with torch.no_grad(), seeded(params.seed if params.do_sample else None, device):
-                prefix_kv = self._prefix_kv(encoded[0][:p], device) if p else None
+                prefix_kv = self._prefix_kv(model, encoded[0][:p], device) if p else None
                 for start in range(0, len(order), per_batch):
                     idx = order[start : start + per_batch]
                     kwargs = {
@@ -315,14 +387,14 @@ class HFBackend:
                         cache = copy.deepcopy(prefix_kv)
                         cache.batch_repeat_interleave(len(idx) * k)
                         kwargs.update(num_return_sequences=1, past_key_values=cache)
-                    out = self.model.generate(**batch, **kwargs)
+                    out = model.generate(**batch, **kwargs)
                     new = out[:, batch["input_ids"].shape[1] :].tolist()  # rows grouped per prompt, k each
                     for j, i in enumerate(idx):
                         results[i] = [
                             self._completion(new[j * k + r], encoded[i], set(eos)) for r in range(k)
                         ]
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"prompts {missing[:5]} got no completions"
         return results  # type: ignore[return-value]

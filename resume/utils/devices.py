@@ -24,13 +24,38 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """`auto` -> bf16 when a CUDA GPU is visible, else fp32 (CPU bf16 matmuls are slow and lossy)."""
+def resolve_dtype(dtype: str, key: str = "summarizer.dtype") -> torch.dtype:
+    """`auto` -> bf16 when a CUDA GPU is visible, else fp32: the dtype of weights that are TRAINED (the
+    master weights; small updates vanish in bf16 weights). Generation has its own `generation_dtype`."""
     if dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"summarizer.dtype={dtype!r} must be one of auto, {', '.join(DTYPES)}")
+        raise ValueError(f"{key}={dtype!r} must be one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX tiles or AVX512-BF16), where bf16 matmuls run
+    several times faster than fp32. Without them torch emulates bf16 and it is slower than fp32."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def generation_dtype(
+    dtype: str, device: torch.device | str, key: str = "summarizer.backend.dtype"
+) -> torch.dtype:
+    """The dtype to GENERATE in: `auto` -> bf16 on a CUDA GPU and on a CPU where bf16 is fast
+    (`cpu_bf16_is_fast`), fp32 elsewhere; anything else as `resolve_dtype` reads it."""
+    if dtype != "auto":
+        return resolve_dtype(dtype, key)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cpu" and cpu_bf16_is_fast() else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @contextlib.contextmanager

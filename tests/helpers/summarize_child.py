@@ -32,7 +32,7 @@ def run(corpus_path: Path, cache_dir: Path, batch_size: int, kill_at: int, ready
     from resume.data.beir import load_corpus
     from resume.summaries import cache as cache_module
     from resume.summaries.corpus import summarize_corpus
-    from resume.utils.config import CONFIG_DIR
+    from resume.utils.config import compose_node
 
     torch.set_num_threads(1)
     calls = {"n": 0}
@@ -54,7 +54,7 @@ def run(corpus_path: Path, cache_dir: Path, batch_size: int, kill_at: int, ready
         time.sleep(600)
 
     cache_module.SummaryCache.append = append  # type: ignore[method-assign]
-    cfg = OmegaConf.create({"seed": 0, "summarizer": OmegaConf.load(CONFIG_DIR / "summarizer" / "tiny.yaml")})
+    cfg = OmegaConf.create({"seed": 0, "summarizer": compose_node("summarizer", ["summarizer=tiny"])})
     summarizer = instantiate(cfg.summarizer)
     summarize_corpus(summarizer, load_corpus(corpus_path), cache_dir, batch_size=batch_size, progress=False)
 

