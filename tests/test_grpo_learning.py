@@ -22,9 +22,9 @@ def _adamw(lr: float) -> functools.partial:
     return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
 
 
-# 30 steps: the slowest of the three seeds rose by 0.64 (0.21 -> 0.85) on a Xeon with AVX512-BF16, the others to
-# 1.0; at 20 steps that seed rose only 0.28 here and on another machine, so a 0.3 bar at 20 steps depended on the
-# CPU. With the update broken (the loss's sign flipped) the reward falls, and the test fails.
+# 30 steps: the slowest of the three seeds rose by 0.64 (0.21 -> 0.85) on a Xeon with AVX512-BF16, the
+# others to 1.0; at 20 steps that seed rose only 0.28, here and on another machine, so a 0.3 bar at 20
+# steps depended on the CPU. With the update broken (the loss's sign flipped) the reward falls to ~0.
 STEPS, RISE = 30, 0.3
 
 
