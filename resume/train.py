@@ -45,8 +45,13 @@ def _check_run_folder(out: Path, resolved: str) -> None:
 def results_table(results: dict[str, Any]) -> str:
     """A Markdown table of the paper rows this run produced, labelled with its budget."""
     names = results["metric_names"]
+    generation = (results.get("summarizer") or {}).get("generation")
+    engine = ""
+    if generation:
+        engine = f"generation: {generation['engine']} {generation.get('dtype', '')}".rstrip()
     lines = [
         f"budget: {results['budget']}",
+        *([engine] if engine else []),
         "",
         "| row | ablation | split | corpus indexed | queries | " + " | ".join(names) + " |",
         "|---|---|---|---|---|" + "---|" * len(names),
@@ -144,7 +149,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         table = results_table(results)
         atomic_write_text(out / "results.md", table + "\n")
         print(table)
-        print(f"\nrun folder: {out}")
+        seconds, rss = results["wall_time_s"], results["peak_rss_mb"]
+        print(f"\nrun folder: {out} ({seconds:.0f} s, peak RSS {rss:.0f} MB)")
         status = "success"
         return results
     finally:

@@ -263,3 +263,41 @@ def test_generate_kwargs_reach_generate_and_a_static_cache_gives_the_same_tokens
     assert [g[0].token_ids for g in out] == [g[0].token_ids for g in plain]
     with pytest.raises(ValueError, match="decoding settings belong"):
         HFBackend(summarizer.model, summarizer.tokenizer, generate_kwargs={"temperature": 0.5})
+
+
+# --------------------------------------------------------------------------- generation dtype
+def test_auto_generation_dtype_follows_the_cpu(monkeypatch):
+    from resume.utils import devices
+
+    monkeypatch.setattr(devices, "cpu_bf16_is_fast", lambda: True)
+    assert devices.generation_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_bf16_is_fast", lambda: False)
+    assert devices.generation_dtype("auto", "cpu") == torch.float32
+    assert devices.generation_dtype("fp32", "cpu") == torch.float32
+    with pytest.raises(ValueError, match="summarizer.backend.dtype='fp8'"):
+        devices.generation_dtype("fp8", "cpu")
+    assert devices.resolve_dtype("auto") == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+
+
+def test_bf16_generation_of_an_fp32_model_follows_its_weights():
+    """HFBackend(dtype=bf16) generates from a bf16 copy of the fp32 model, refreshed when the weights change:
+    the same tokens as the model cast to bf16, before and after an optimizer step."""
+    summarizer = instantiate(tiny_cfg(seed=4).summarizer)
+    model, tok = summarizer.model, summarizer.tokenizer
+    backend = HFBackend(model, tok, dtype="bf16")
+    assert backend.describe() == {"engine": "hf", "dtype": "bfloat16"}
+    prompts = summarizer.prompts_for(make_docs(4))
+    params = GenerationParams(max_new_tokens=12)
+
+    def reference():
+        cast = copy.deepcopy(model).to(torch.bfloat16)
+        return [g[0].token_ids for g in HFBackend(cast, tok).generate(prompts, params)]
+
+    assert [g[0].token_ids for g in backend.generate(prompts, params)] == reference()
+    assert next(model.parameters()).dtype == torch.float32  # the trained model keeps its dtype
+    before = [g[0].token_ids for g in backend.generate(prompts, params)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.tensor([[1, 2, 3]])).logits.pow(2).mean().backward()
+    opt.step()
+    after = [g[0].token_ids for g in backend.generate(prompts, params)]
+    assert after == reference() and after != before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from resume.data.beir import Document
-from resume.utils.config import CONFIG_DIR
+from resume.utils.config import compose_node
 
 SCIFACT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scifact" / "corpus.jsonl"
 
@@ -41,13 +42,21 @@ QWEN3_4B = {
 }
 
 
-def bench_summarizer(name: str, max_doc_tokens: int, random_qwen3_4b: bool = False) -> Any:
+def bench_summarizer(
+    name: str,
+    max_doc_tokens: int,
+    random_qwen3_4b: bool = False,
+    backend: Sequence[str] = ("summarizer/backend=hf",),
+) -> Any:
     """`conf/summarizer/<name>.yaml` (seed 0, documents cut at `max_doc_tokens`); with
     `random_qwen3_4b`, the same prompt on Qwen3-4B's shape at random weights (bf16 on a GPU). Its
     tokenizer is the hub-free tiny BPE one, so the vocabulary (embedding and LM head) is small:
-    ~3.6B parameters instead of 4.0B; the bench reports tokens/s against the parameters it has."""
-    cfg = OmegaConf.load(CONFIG_DIR / "summarizer" / f"{name}.yaml")
-    cfg.seed = 0
+    ~3.6B parameters instead of 4.0B; the bench reports tokens/s against the parameters it has.
+    `backend` holds overrides of the summarizer's backend group (default: HF generate)."""
+    root = OmegaConf.create(
+        {"seed": 0, "summarizer": compose_node("summarizer", [f"summarizer={name}", *backend])}
+    )
+    cfg = root.summarizer
     cfg.prompt.max_doc_tokens = max_doc_tokens
     if random_qwen3_4b:
         cfg.model, cfg.tokenizer, cfg.dtype, cfg.config = None, None, "auto", dict(QWEN3_4B)

@@ -1,18 +1,22 @@
-"""Summarization / rollout throughput of the HF backend: shared-prefix KV cache vs the plain path.
+"""Generation throughput of every backend on the same prompts, in one process.
 
-Same model, same prompts, same process; prints generated tokens/s and the ratio to the
-reference run (`prefix_cache=False`), and whether the completions are identical.
+The reference is `HFBackend` in the model's fp32 with the shared-prefix cache (the default before the
+vLLM backend). Each row prints generated tokens/s, the ratio to the reference, whether its completions
+are token-for-token the reference's, its start-up time, and its share of this machine's limit: the
+FLOP rate of the generated tokens (2 x parameters per token; prompt tokens not counted) over the rate a
+large matmul reaches here in that dtype (measured at start; `--peak-tflops` to give one instead).
+Every workload runs twice per backend and the second, steady-state pass is timed.
 
-    python experiments/bench/generate.py                              # SmolLM2-135M, 8 SciFact docs
-    python experiments/bench/generate.py --summarizer tiny --n 16     # random tiny model (seconds)
-    python experiments/bench/generate.py --max-new-tokens 1           # prefill only
-    python experiments/bench/generate.py --random-qwen3-4b --n 256 --batch-size 256 \
-        --max-new-tokens 512                                          # GPU
+    python experiments/bench/generate.py --backend all                 # SmolLM2-135M, 32 SciFact docs
+    python experiments/bench/generate.py --backend all --compiled      # + vLLM compiled (~70 s start-up)
+    python experiments/bench/generate.py --backend hf --summarizer tiny --n 16
+    python experiments/bench/generate.py --backend vllm --random-qwen3-4b --n 256 --max-new-tokens 512  # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from dataclasses import replace
 
@@ -20,30 +24,81 @@ import torch
 from _models import bench_docs, bench_summarizer
 
 from resume.summarizer.generate import HFBackend
+from resume.summarizer.vllm_backend import VLLMBackend, release_engines, vllm_available
+from resume.utils.devices import cpu_bf16_is_fast, dtype_name
+
+
+def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """The dense matmul rate this device reaches in `dtype` (TFLOP/s): the compute limit of a row."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def backends(args, summarizer) -> list[tuple[str, str, object]]:
+    """(label, dtype, factory) of the runs asked for; the first is the reference."""
+    model, tok = summarizer.model, summarizer.tokenizer
+    gpu = torch.cuda.is_available()
+    fast_bf16 = gpu or cpu_bf16_is_fast()
+    runs = []
+    if args.backend in ("all", "hf"):
+        runs.append(
+            ("hf fp32 (reference)", "fp32", lambda: HFBackend(model, tok, batch_size=args.batch_size))
+        )
+        if fast_bf16:
+            runs.append(
+                ("hf bf16", "bf16", lambda: HFBackend(model, tok, batch_size=args.batch_size, dtype="bf16"))
+            )
+    if args.backend in ("all", "vllm"):
+        if not vllm_available():
+            raise SystemExit("--backend vllm: vLLM is not installed (see .ci/install)")
+        settings = [("fp32", True)] + ([("bf16", True)] if fast_bf16 else [])
+        if args.compiled:
+            settings.append(("bf16" if fast_bf16 else "fp32", False))
+        for dtype, eager in settings:
+            label = f"vllm {dtype} {'eager' if eager else 'compiled'}"
+            runs.append(
+                (
+                    label,
+                    dtype,
+                    lambda dtype=dtype, eager=eager: VLLMBackend(
+                        model, tok, dtype=dtype, enforce_eager=eager, max_num_seqs=args.max_num_seqs
+                    ),
+                )
+            )
+    return runs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default="all", choices=["all", "hf", "vllm"])
     ap.add_argument("--summarizer", default="smollm2", help="a conf/summarizer/ file")
-    ap.add_argument("--n", type=int, default=8, help="documents")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per generate call")
+    ap.add_argument("--n", type=int, default=32, help="documents")
+    ap.add_argument("--batch-size", type=int, default=8, help="HF: sequences per generate call")
+    ap.add_argument("--max-num-seqs", type=int, default=32, help="vLLM: sequences decoded together")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-doc-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=4, help="completions per prompt in the sampled (rollout) run")
+    ap.add_argument("--compiled", action="store_true", help="also vLLM without enforce_eager (slow start-up)")
     ap.add_argument(
         "--random-qwen3-4b", action="store_true", help="Qwen3-4B's architecture at random weights"
     )
-    ap.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=790.0 if torch.cuda.is_available() else 0.0,
-        help="dense peak of the device (H100 bf16: ~790 measured); 2 x params FLOP per token",
-    )
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak; 0 = measure a matmul")
     args = ap.parse_args()
     summarizer = bench_summarizer(args.summarizer, args.max_doc_tokens, args.random_qwen3_4b)
-    params = sum(p.numel() for p in summarizer.model.parameters())
+    if not args.random_qwen3_4b:
+        summarizer.model.float()  # the reference is fp32; bf16 rows cast for themselves
+    n_params = sum(p.numel() for p in summarizer.model.parameters())
     prompts = summarizer.prompts_for([(d.title, d.text) for d in bench_docs(args.n).values()])
-    runs = {
+    workloads = {
         "greedy (corpus)": (
             prompts,
             replace(summarizer.corpus_generation, max_new_tokens=args.max_new_tokens),
@@ -56,40 +111,57 @@ def main() -> None:
         ),
     }
     device = next(summarizer.model.parameters()).device
+    limits = {
+        d: args.peak_tflops or matmul_tflops(dt, device)
+        for d, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
     print(
         f"device={device} summarizer={'random qwen3-4b' if args.random_qwen3_4b else args.summarizer} "
-        f"params={params / 1e6:.0f}M docs={args.n} batch={args.batch_size} "
-        f"max_new_tokens={args.max_new_tokens} max_doc_tokens={args.max_doc_tokens} "
-        f"threads={torch.get_num_threads()}"
+        f"params={n_params / 1e6:.0f}M docs={args.n} max_new_tokens={args.max_new_tokens} "
+        f"max_doc_tokens={args.max_doc_tokens} threads={torch.get_num_threads()} "
+        f"matmul TFLOP/s fp32={limits['fp32']:.2f} bf16={limits['bf16']:.2f} "
+        f"(CPU bf16 fast: {cpu_bf16_is_fast()})"
     )
-    print(
-        "| run | backend | prefix tokens cached | generated tok/s | ratio vs plain | identical | % of "
-        "compute limit |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, (ps, params) in runs.items():
-        out = {}
-        for label, on in (("plain (reference)", False), ("shared-prefix cache", True)):
-            backend = HFBackend(
-                summarizer.model, summarizer.tokenizer, batch_size=args.batch_size, prefix_cache=on
-            )
-            backend.generate(ps[:1], replace(params, max_new_tokens=2))  # warm-up
+    rows = []
+    reference: dict[str, tuple[list, float]] = {}
+    for label, dtype, factory in backends(args, summarizer):
+        t0 = time.perf_counter()
+        backend = factory()
+        backend.generate(
+            prompts[:1], replace(workloads["greedy (corpus)"][1], max_new_tokens=2)
+        )  # start + warm-up
+        startup = time.perf_counter() - t0
+        for name, (ps, params) in workloads.items():
+            backend.generate(ps, params)  # first pass: kernels for these shapes (vLLM's first is slower)
             t = time.perf_counter()
             groups = backend.generate(ps, params)
             dt = time.perf_counter() - t
-            toks = sum(c.num_tokens for g in groups for c in g)
-            out[label] = ([[c.token_ids for c in g] for g in groups], dt, toks, backend.last_prefix_length)
-        ref = out["plain (reference)"]
-        for label, (ids, dt, toks, p) in out.items():
-            limit = (
-                f"{100 * (toks / dt) * 2 * params / (args.peak_tflops * 1e12):.1f}"
-                if args.peak_tflops
-                else "–"
+            ids = [[c.token_ids for c in g] for g in groups]
+            toks = sum(len(x) for g in ids for x in g)
+            reference.setdefault(name, (ids, toks / dt))
+            ref_ids, ref_rate = reference[name]
+            share = 100 * (toks / dt) * 2 * n_params / (limits[dtype] * 1e12)
+            rows.append(
+                (name, label, toks / dt, toks / dt / ref_rate, ids == ref_ids, startup, share, dt / len(ps))
             )
-            print(
-                f"| {name} | {label} | {p} | {toks / dt:.1f} | {ref[1] / dt:.2f} | {ids == ref[0]} | "
-                f"{limit} |"
-            )
+        engine_dtype = getattr(backend, "describe", dict)().get("dtype", "?")
+        assert engine_dtype == dtype_name(torch.bfloat16 if dtype == "bf16" else torch.float32), (
+            label,
+            engine_dtype,
+        )
+        del backend
+        release_engines()
+        gc.collect()
+    print(
+        "| workload | backend | generated tok/s | ratio vs hf fp32 | identical to hf fp32 | start-up s | "
+        "s per prompt | % of matmul limit |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, label, rate, ratio, same, startup, share, per in rows:
+        print(
+            f"| {name} | {label} | {rate:.1f} | {ratio:.2f} | {same} | {startup:.1f} | {per:.2f} | "
+            f"{share:.1f} |"
+        )
 
 
 if __name__ == "__main__":

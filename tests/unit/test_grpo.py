@@ -415,3 +415,53 @@ def test_masked_mean():
     x = torch.tensor([[1.0, 2.0], [3.0, 10.0]])
     assert masked_mean(x, torch.tensor([[1, 1], [1, 0]])).item() == pytest.approx(2.0)
     assert masked_mean(x, torch.zeros(2, 2)).item() == 0.0
+
+
+# --------------------------------------------------------------------------- off-policy correction
+def test_importance_weights_by_hand():
+    from resume.grpo.loss import importance_weights
+
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
+    engine = torch.tensor([[-1.5, -1.0, float("nan")], [-1.0, -3.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # token differences old - engine: [[0.5, -1.0, nan -> 0], [0.0, 2.0, (masked) 0]]
+    w, stats = importance_weights(old, engine, mask, mode="token_truncate", cap=3.0)
+    expected = torch.tensor([[math.exp(0.5), math.exp(-1.0), 1.0], [1.0, 3.0, 1.0]])  # e^2 = 7.39 -> 3
+    assert torch.allclose(w, expected)
+    assert stats["is_ratio_max"] == pytest.approx(3.0) and stats["is_ratio_min"] == pytest.approx(
+        math.exp(-1)
+    )
+    assert stats["logp_difference_max"] == pytest.approx(2.0)
+    assert stats["logp_difference_mean"] == pytest.approx((0.5 + 1.0 + 0.0 + 0.0 + 2.0) / 5)
+    w, stats = importance_weights(old, engine, mask, mode="token_mask", cap=3.0, floor=0.5)
+    assert torch.allclose(w, torch.tensor([[math.exp(0.5), 0.0, 1.0], [1.0, 0.0, 1.0]]))  # e^-1 < 0.5 dropped
+    assert stats["is_masked_fraction"] == pytest.approx(2 / 5)
+    w, _ = importance_weights(old, engine, mask, mode="sequence_truncate", cap=3.0)
+    assert torch.allclose(w, torch.tensor([[math.exp(-0.5)], [3.0]]))  # sums -0.5 and 2.0
+    w, _ = importance_weights(old, engine, mask, mode="sequence_mask", cap=3.0)
+    assert torch.allclose(w, torch.tensor([[math.exp(-0.5)], [0.0]]))
+    with pytest.raises(ValueError, match="token_truncate"):
+        importance_weights(old, engine, mask, mode="tokens")
+
+
+def test_importance_weights_multiply_the_per_token_loss():
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]], requires_grad=True)
+    adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 2)
+    w = torch.tensor([[2.0, 0.5], [1.0, 0.0]])
+    plain, _ = per_token_loss(logps, None, adv, mask)
+    weighted, _ = per_token_loss(logps, None, adv, mask, is_weights=w)
+    assert torch.allclose(weighted, plain * w)
+    loss, _ = grpo_loss(logps, None, adv, mask, is_weights=w)
+    assert loss.item() == pytest.approx(float((plain * w).sum() / 4))  # dapo: sum over the 4 tokens
+    seq, _ = per_token_loss(logps, None, adv, mask, is_weights=torch.tensor([[2.0], [0.5]]))
+    assert torch.allclose(seq, plain * torch.tensor([[2.0], [0.5]]))
+
+
+def test_importance_sampling_settings_are_validated():
+    from resume.grpo.config import GRPOConfig as Config  # ours (GRPOConfig here is TRL's)
+
+    assert Config(importance_sampling="sequence_mask").importance_sampling == "sequence_mask"
+    with pytest.raises(ValueError, match="importance_sampling='tokens' is not one of auto, off"):
+        Config(importance_sampling="tokens")
+    with pytest.raises(ValueError, match="importance_sampling_floor"):
+        Config(importance_sampling_floor=4.0, importance_sampling_cap=3.0)
