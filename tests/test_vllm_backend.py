@@ -260,8 +260,20 @@ def test_smollm2_engine_generates_what_the_trained_hf_model_generates():
 
 def test_auto_picks_vllm_when_installed_and_hf_otherwise(monkeypatch):
     root = OmegaConf.create(
-        {"seed": 0, "summarizer": compose_node("summarizer", ["summarizer=tiny", "summarizer/backend=auto"])}
+        {
+            "seed": 0,
+            "summarizer": compose_node(
+                "summarizer", ["summarizer=tiny", "summarizer/backend=auto", "+summarizer.config.head_dim=32"]
+            ),
+        }
     )
     assert isinstance(instantiate(root.summarizer).backend, VLLMBackend)
     monkeypatch.setattr(vllm_backend, "vllm_available", lambda: False)
     assert type(instantiate(root.summarizer).backend) is HFBackend
+
+
+def test_heads_the_cpu_engine_cannot_run_are_refused_up_front():
+    tiny = OmegaConf.create({"seed": 0, "s": compose_node("summarizer", ["summarizer=tiny"])})
+    model = instantiate(tiny.s).model  # 16-wide heads; vLLM's CPU attention takes >= 32
+    with pytest.raises(ValueError, match="this model.s is 16"):
+        VLLMBackend(model, None)

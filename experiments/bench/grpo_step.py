@@ -1,5 +1,8 @@
 """GRPO step time: our `run_grpo` vs TRL's `GRPOTrainer` on the same model, prompts and settings.
 
+Three runs: TRL (the reference), ours as before (HF generate, prompt + completion packed per row)
+and ours now (vLLM rollouts with weight sync, each prompt run once per group: `shared_prompt`).
+
 Same process, same rendered prompts, same reward function (a cheap text score, so the bench
 times the step machinery: rollout generation, log-probs, backward, optimizer step), same
 batch (prompts x k completions), completion budget, loss (dapo), beta 0 and learning rate.
@@ -27,6 +30,7 @@ import torch
 from _models import bench_docs, bench_summarizer
 
 from resume.grpo import GRPOConfig, run_grpo
+from resume.summarizer.vllm_backend import vllm_available
 
 
 def text_score(text: str) -> float:
@@ -47,12 +51,16 @@ class BenchReward:
         return _Scores(torch.tensor([text_score(t) for t in texts]))
 
 
-def _summarizer(args: argparse.Namespace):
-    return bench_summarizer(args.summarizer, args.max_doc_tokens, args.random_qwen3_4b)
+def _summarizer(args: argparse.Namespace, backend: str = "hf"):
+    # vLLM's CPU attention needs heads of >= 32: the tiny model gets 32-wide heads in every run
+    wide = ["+summarizer.config.head_dim=32"] if args.summarizer == "tiny" else []
+    return bench_summarizer(
+        args.summarizer, args.max_doc_tokens, args.random_qwen3_4b, [f"summarizer/backend={backend}", *wide]
+    )
 
 
-def bench_ours(args, docs) -> list[float]:
-    summarizer = _summarizer(args)
+def bench_ours(args, docs, backend: str, shared_prompt: bool) -> dict[str, list[float]]:
+    summarizer = _summarizer(args, backend)
     config = GRPOConfig(
         steps=args.steps,
         num_generations=args.k,
@@ -67,6 +75,7 @@ def bench_ours(args, docs) -> list[float]:
         log_completions_every=0,
         checkpoint_every=0,
         mini_batch_size=args.mini_batch,
+        shared_prompt=shared_prompt,
     )
     precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     with tempfile.TemporaryDirectory() as out:
@@ -81,7 +90,11 @@ def bench_ours(args, docs) -> list[float]:
             trainer_kwargs={"precision": precision},
         )
         history = [json.loads(line) for line in (Path(out) / "grpo_history.jsonl").read_text().splitlines()]
-    return [h["time/step"] for h in history if "time/step" in h]
+    release = getattr(summarizer.backend, "release", None)
+    if callable(release):
+        release()
+    keys = ("time/step", "time/generate", "time/update", "time/sync")
+    return {k: [h[k] for h in history if h.get(k) is not None] for k in keys}
 
 
 def bench_trl(args, docs) -> list[float]:
@@ -155,20 +168,37 @@ def main() -> None:
     args = ap.parse_args()
     docs = bench_docs(args.prompts * args.steps)
     trl_times = bench_trl(args, docs)
-    our_times = bench_ours(args, docs)
-    med = {name: statistics.median(t[1:] or t) for name, t in (("trl", trl_times), ("ours", our_times))}
+    runs = {
+        "resume run_grpo: HF generate, prompt per row (before)": bench_ours(args, docs, "hf", False),
+        "resume run_grpo: vLLM, each prompt once (now)": bench_ours(
+            args, docs, "vllm" if vllm_available() else "hf", True
+        ),
+    }
+
+    def med(times: list[float]) -> float:
+        return statistics.median(times[1:] or times) if times else float("nan")
+
     print(
         f"device={'cuda' if torch.cuda.is_available() else 'cpu'} summarizer="
         f"{'random qwen3-4b' if args.random_qwen3_4b else args.summarizer} prompts={args.prompts} k={args.k} "
         f"max_new_tokens={args.max_new_tokens} steps={args.steps} threads={torch.get_num_threads()}"
     )
-    print("| run | s/step (median, first step excluded) | ratio vs TRL (lower is faster) |")
-    print("|---|---|---|")
-    print(f"| TRL GRPOTrainer (reference) | {med['trl']:.2f} | 1.00 |")
-    print(f"| resume run_grpo | {med['ours']:.2f} | {med['ours'] / med['trl']:.2f} |")
     print(
-        f"per-step seconds: trl {[round(t, 2) for t in trl_times]}, ours {[round(t, 2) for t in our_times]}"
+        "| run | s/step (median, first step excluded) | ratio vs TRL (lower is faster) | "
+        "generate s | update s | sync s |"
     )
+    print("|---|---|---|---|---|---|")
+    ref = med(trl_times)
+    print(f"| TRL GRPOTrainer (reference) | {ref:.2f} | 1.00 | | | |")
+    for name, t in runs.items():
+        step = med(t["time/step"])
+        print(
+            f"| {name} | {step:.2f} | {step / ref:.2f} | {med(t['time/generate']):.2f} | "
+            f"{med(t['time/update']):.2f} | {med(t['time/sync']):.2f} |"
+        )
+    print(f"per-step seconds: trl {[round(x, 2) for x in trl_times]}")
+    for name, t in runs.items():
+        print(f"  {name}: {[round(x, 2) for x in t['time/step']]}")
 
 
 if __name__ == "__main__":

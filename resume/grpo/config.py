@@ -60,6 +60,9 @@ class GRPOConfig:
     importance_sampling: str = "auto"
     importance_sampling_cap: float | None = 3.0  # upper bound of the weight (TRL's clip_max)
     importance_sampling_floor: float | None = None  # lower bound; None = none (TRL's clip_min)
+    # Run each prompt once for its group's k completions (KV cache shared, gradients through it): the same
+    # log-probs and gradient as packing prompt + completion per row, for far fewer tokens. False = packed.
+    shared_prompt: bool = True
     gradient_checkpointing: bool = False  # recompute activations in backward (memory for compute)
     lora: dict[str, Any] | None = None  # None = full fine-tuning; else {r, alpha, dropout, target_modules}
     log_completions_every: int = 10  # write a table of sample completions every N steps; 0 = never

@@ -8,7 +8,7 @@ tokens sit in the last columns that `loss.sequence_logps` scores.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -104,6 +104,9 @@ class PackedBatch:
     completion_mask: Tensor  # [B, C], 1 on completion tokens (EOS included when generated)
     rows: slice  # the rows of the rollout batch
     sampling_logps: Tensor | None = None  # [B, C] the engine's log-probs, when every row has them
+    # Runs of consecutive rows with the same prompt (a GRPO group, or the part of one in this chunk):
+    # (prompt ids [P], rows), for `shared_prompt_logps`, which runs each prompt once for its rows.
+    prompt_segments: list[tuple[Tensor, slice]] = field(default_factory=list)
 
     @property
     def width(self) -> int:
@@ -131,12 +134,21 @@ def pack_completions(
         mask[row, start : prompt_width + c.num_tokens] = 1
         if sampling is not None:
             sampling[row, : c.num_tokens] = torch.tensor(c.logprobs, dtype=torch.float32)
+    segments: list[tuple[Tensor, slice]] = []
+    start = 0
+    for row in range(1, len(completions) + 1):
+        if row == len(completions) or completions[row].prompt_ids != completions[start].prompt_ids:
+            segments.append(
+                (torch.tensor(completions[start].prompt_ids, dtype=torch.long), slice(start, row))
+            )
+            start = row
     return PackedBatch(
         ids,
         mask,
         mask[:, prompt_width:],
         rows if rows is not None else slice(0, len(completions)),
         sampling,
+        segments,
     )
 
 

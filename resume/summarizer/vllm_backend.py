@@ -44,6 +44,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before any `impo
 
 _ENGINES: dict[tuple[Any, ...], Any] = {}  # engine key -> vllm.LLM
 _LOADED: dict[int, tuple[Any, ...]] = {}  # id(LLM) -> weights_version of the model whose weights it holds
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU_ATTN backend
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -147,6 +148,14 @@ class VLLMBackend:
             raise ValueError(f"summarizer.backend.max_num_seqs ({max_num_seqs}) must be >= 1")
         if kv_cache_gib is not None and kv_cache_gib <= 0:
             raise ValueError(f"summarizer.backend.kv_cache_gib ({kv_cache_gib}) must be > 0, or null")
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if not torch.cuda.is_available() and head_dim not in CPU_HEAD_SIZES:
+            raise ValueError(
+                f"vLLM's CPU attention supports head sizes {list(CPU_HEAD_SIZES)}, and this model's is "
+                f"{head_dim} (the tiny test model: add +summarizer.config.head_dim=32); or use "
+                "summarizer/backend=hf"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.dtype_setting = dtype
