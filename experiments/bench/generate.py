@@ -46,22 +46,22 @@ def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps:
 def backends(args, summarizer) -> list[tuple[str, str, object]]:
     """(label, dtype, factory) of the runs asked for; the first is the reference."""
     model, tok = summarizer.model, summarizer.tokenizer
-    gpu = torch.cuda.is_available()
-    fast_bf16 = gpu or cpu_bf16_is_fast()
+    bf16 = "bf16" in args.dtypes.split(",")
+    fast_bf16 = torch.cuda.is_available() or cpu_bf16_is_fast()
     runs = []
     if args.backend in ("all", "hf"):
         runs.append(
             ("hf fp32 (reference)", "fp32", lambda: HFBackend(model, tok, batch_size=args.batch_size))
         )
-        if fast_bf16:
+        if bf16:
             runs.append(
                 ("hf bf16", "bf16", lambda: HFBackend(model, tok, batch_size=args.batch_size, dtype="bf16"))
             )
     if args.backend in ("all", "vllm"):
         if not vllm_available():
             raise SystemExit("--backend vllm: vLLM is not installed (see .ci/install)")
-        settings = [("fp32", True)] + ([("bf16", True)] if fast_bf16 else [])
-        if args.compiled:
+        settings = [("fp32", True)] + ([("bf16", True)] if bf16 else [])
+        if args.compiled:  # in the dtype `auto` would pick
             settings.append(("bf16" if fast_bf16 else "fp32", False))
         for dtype, eager in settings:
             label = f"vllm {dtype} {'eager' if eager else 'compiled'}"
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--max-doc-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=4, help="completions per prompt in the sampled (rollout) run")
     ap.add_argument("--compiled", action="store_true", help="also vLLM without enforce_eager (slow start-up)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="fp32 (the reference) and/or bf16 rows")
     ap.add_argument(
         "--random-qwen3-4b", action="store_true", help="Qwen3-4B's architecture at random weights"
     )
