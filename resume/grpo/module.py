@@ -7,11 +7,14 @@ One training step is one GRPO rollout batch (METHOD.md, "GRPO"):
 2. rewards: `reward.compute(texts, doc_ids)`, the frozen retriever's reward; its negative
    sampler is reseeded with `config.seed + step`;
 3. group-relative advantages (`loss.group_advantages`);
-4. no-grad log-probs of the sampling policy (only when `num_iterations > 1`; otherwise the
-   detached current ones, TRL's shortcut) and of the reference policy (only when `beta > 0`);
+4. no-grad log-probs of the sampling policy (only when `num_iterations > 1` or when the
+   off-policy correction is on; otherwise the detached current ones, TRL's shortcut) and of the
+   reference policy (only when `beta > 0`); with the correction, the truncated importance
+   weights from the engine's log-probs (`loss.importance_weights`);
 5. `num_iterations` optimisation passes; each accumulates gradients over mini-batches of
-   `mini_batch_size` sequences, clips the gradient norm and steps the optimizer and the lr
-   schedule once.
+   `mini_batch_size` sequences (each prompt run once for its rows: `logps.shared_prompt_logps`),
+   clips the gradient norm and steps the optimizer and the lr schedule once;
+6. the new weights are synced into the generation engine (`summarizer.sync_weights()`).
 
 The maths are `resume.grpo.loss` (checked against TRL); this module only schedules them.
 Everything random inside a step (sampling, negatives, dropout) is seeded by the step number,
