@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from resume.data import register_data_resolvers
 from resume.summaries.cache import doc_hash
 from resume.summaries.corpus import cache_for, cached_records, summarize_corpus, summarize_shard
+from resume.summarizer.vllm_backend import release_engines
 from resume.utils.config import register_resolvers
 from resume.utils.io import atomic_write_json
 
@@ -37,6 +38,9 @@ log = logging.getLogger("resume")
 # Before @hydra.main composes: hydra.run.dir and paths.* interpolate these resolvers.
 register_resolvers()
 register_data_resolvers()
+
+
+_CREATED_GROUP: list[bool] = []  # whether this module created the default process group (and must destroy it)
 
 
 def _init_distributed(world_size: int, wait_minutes: float) -> bool:
@@ -48,6 +52,7 @@ def _init_distributed(world_size: int, wait_minutes: float) -> bool:
         torch.distributed.init_process_group(
             "nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=wait_minutes)
         )
+        _CREATED_GROUP.append(True)
     return True
 
 
@@ -99,9 +104,14 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="summarize_corpus")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    try:
+        run(cfg)
+    finally:
+        release_engines()
+        # Only the group this module created: an in-process vLLM engine initialises one of its own and
+        # tears it down at exit (destroying it here made vLLM's exit handler fail).
+        if _CREATED_GROUP and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
