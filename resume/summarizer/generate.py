@@ -231,10 +231,10 @@ class HFBackend:
 
     @property
     def dtype(self) -> torch.dtype:
-        own = next(self.model.parameters()).dtype
+        first = next(self.model.parameters())
         if self.dtype_setting is None:
-            return own
-        return generation_dtype(self.dtype_setting, next(self.model.parameters()).device)
+            return first.dtype
+        return generation_dtype(self.dtype_setting, first.device)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "hf", "dtype": dtype_name(self.dtype)}

@@ -27,6 +27,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -214,7 +215,10 @@ class VLLMBackend:
             gen = getattr(self.model, "generation_config", None)
             if gen is not None:
                 gen.save_pretrained(tmp)
-            tmp.rename(folder) if not folder.exists() else None
+            if folder.exists():  # another process saved the same architecture meanwhile
+                shutil.rmtree(tmp)
+            else:
+                tmp.rename(folder)
         return str(folder)
 
     def engine_key(self) -> tuple[Any, ...]:
