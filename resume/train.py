@@ -77,6 +77,7 @@ def build_loop(
         min_iterations=cfg.loop.min_iterations,
         select_split=cfg.loop.select_split,
         eval_points=OmegaConf.to_container(cfg.loop.eval_points, resolve=True),
+        adapt_view=cfg.loop.adapt_view,
         seed=cfg.seed,
     )
     tok = retriever.tokenizer

@@ -15,10 +15,11 @@ finished is computed twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import pytorch_lightning as pl
 from resume.data import RetrievalData
 from resume.loop.config import LoopConfig
 from resume.loop.records import PhaseRecords
+from resume.utils.memory import PeakRSS, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,9 @@ class Loop:
         if corpus_view not in ("documents", "summaries"):
             raise ValueError(f"corpus_view={corpus_view!r} must be 'documents' or 'summaries'")
         self.config = config or LoopConfig()
-        needs_summaries = corpus_view == "summaries" or self.config.max_iterations > 0
+        needs_summaries = corpus_view == "summaries" or (
+            self.config.max_iterations > 0 and (grpo is not None or self.config.adapt_view == "summaries")
+        )
         if needs_summaries and (summarizer is None or summarize is None):
             raise ValueError("this experiment needs summaries: set a summarizer (summarizer=smollm2, ...)")
         if self.config.max_iterations > 0 and grpo is None and adapt is None:
@@ -92,6 +96,7 @@ class Loop:
         self.log_metrics = log_metrics or (lambda metrics, step: None)
         self.records = PhaseRecords(self.out_dir / "phases")
         self.phase_seconds: dict[str, float] = {}
+        self.phase_memory: dict[str, dict[str, float]] = {}  # key -> start/peak/end resident MB
         self.summary_stats: dict[str, Any] = {}
         self._summaries: dict[str, dict[str, str]] = {}  # label -> texts, made once per run
 
@@ -121,9 +126,8 @@ class Loop:
         assert self.summarize_fn is not None
         if label in self._summaries:  # the final evaluation reuses the last iteration's summaries
             return self._summaries[label]
-        t0 = time.perf_counter()
-        texts, stats = self.summarize_fn(self.summarizer, label)
-        self._add_time(f"summarize/{label}", time.perf_counter() - t0)
+        with self._measured(f"summarize/{label}"):
+            texts, stats = self.summarize_fn(self.summarizer, label)
         self._summaries[label] = texts
         self.summary_stats[label] = stats
         self.log_metrics(
@@ -135,19 +139,37 @@ class Loop:
         self, row: str, texts: Mapping[str, str], view: str, splits: Sequence[str] | None = None
     ) -> list[dict[str, Any]]:
         rows = []
-        t0 = time.perf_counter()
-        for split in splits if splits is not None else self.eval_splits:
-            res = self.evaluator(
-                self.retriever, self.data, split, texts, f"{row}-{view}", self.out_dir, self.cache_dir
-            )
-            res.update(row=row, view=view)
-            self.log_metrics({f"eval/{split}/{k}": v for k, v in res["metrics"].items()}, None)
-            rows.append(res)
-        self._add_time(f"evaluate/{row}", time.perf_counter() - t0)
+        with self._measured(f"evaluate/{row}"):
+            for split in splits if splits is not None else self.eval_splits:
+                res = self.evaluator(
+                    self.retriever, self.data, split, texts, f"{row}-{view}", self.out_dir, self.cache_dir
+                )
+                res.update(row=row, view=view)
+                self.log_metrics({f"eval/{split}/{k}": v for k, v in res["metrics"].items()}, None)
+                rows.append(res)
         return rows
 
-    def _add_time(self, key: str, seconds: float) -> None:
-        self.phase_seconds[key] = round(self.phase_seconds.get(key, 0.0) + seconds, 2)
+    @contextlib.contextmanager
+    def _measured(self, key: str) -> Iterator[None]:
+        """Add the block's seconds to `phase_seconds[key]` and its resident memory (start, peak,
+        end; the peak is the largest over repeats of the key) to `phase_memory[key]`."""
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            yield
+            released = release_memory()  # what the block freed goes back to the system before the next
+        self.phase_seconds[key] = round(self.phase_seconds.get(key, 0.0) + time.perf_counter() - t0, 2)
+        rec, old = mem.record(), self.phase_memory.get(key)
+        if old is not None:
+            rec = {**rec, "start_mb": old["start_mb"], "peak_mb": max(old["peak_mb"], rec["peak_mb"])}
+        self.phase_memory[key] = rec
+        log.info(
+            "%s: %.1f s, resident memory peak %.0f MB, %.0f MB at the end (%.0f MB released)",
+            key,
+            self.phase_seconds[key],
+            rec["peak_mb"],
+            rec["end_mb"],
+            released,
+        )
 
     def _phase(
         self, name: str, fn: Callable[[], dict[str, Any]], restore: Callable[[dict[str, Any]], None]
@@ -164,9 +186,10 @@ class Loop:
         # earlier phases consumed: a run resumed at this phase computes what an uninterrupted one would.
         pl.seed_everything(self.config.seed + zlib.crc32(name.encode()) % 100_000, verbose=False)
         t0 = time.perf_counter()
-        record = fn()
+        with self._measured(name):
+            record = fn()
         record["seconds"] = round(time.perf_counter() - t0, 2)
-        self._add_time(name, record["seconds"])
+        record["memory_mb"] = self.phase_memory[name]
         self.records.put(name, record)
         return record
 
@@ -188,22 +211,25 @@ class Loop:
                     },
                     lambda rec: self.summarizer.load_weights(rec["summarizer"]),
                 )
-            texts = self.summaries(f"iter{t}")
+            if self.grpo_fn is not None:  # S_t, made as soon as theta_t exists (and cached)
+                self.summaries(f"iter{t}")
             rows += self._points(t, "summarized")
             if self.adapt_fn is not None:
                 folder = self.out_dir / f"iter{t}" / "retriever"
                 it["adapt"] = self._phase(
                     f"iter{t}-adapt",
-                    lambda t=t, folder=folder, texts=texts: {
-                        **self.adapt_fn(self.retriever, texts, t, folder),
+                    lambda t=t, folder=folder: {
+                        **self.adapt_fn(self.retriever, self._texts(cfg.adapt_view, t), t, folder),
                         "retriever": str(folder),
+                        "view": cfg.adapt_view,
                     },
                     lambda rec: self.retriever.load_weights(rec["retriever"]),
                 )
             rows += self._points(t, "adapted")
             select, selected = cfg.select_split, {}
             if select is not None and select in self.data.splits:
-                selected = it[select] = self.evaluate_row(f"iter{t}", texts, "summaries", [select])[0][
+                texts = self._texts(self.corpus_view, t)
+                selected = it[select] = self.evaluate_row(f"iter{t}", texts, self.corpus_view, [select])[0][
                     "metrics"
                 ]
             it["summaries"] = self.summary_stats.get(f"iter{t}", {})
@@ -235,6 +261,7 @@ class Loop:
             "iterations": iterations,
             "summaries": self.summary_stats,
             "seconds": self.phase_seconds,
+            "memory_mb": self.phase_memory,
         }
         unreached = [p.row for p in cfg.eval_points if p.iteration > len(iterations)]
         if unreached:  # said in the results, never silently dropped

@@ -71,11 +71,14 @@ class LoopConfig:
     min_iterations: int = 1  # never stop before this many iterations
     select_split: str | None = "dev"  # evaluated after every iteration (early stopping); None = never
     eval_points: Sequence[EvalPoint] = field(default_factory=tuple)
+    adapt_view: str = "summaries"  # what step 3 pairs with the training queries: summaries | documents
     seed: int = 0  # every phase starts from seed-derived RNG states
 
     def __post_init__(self) -> None:
         if self.max_iterations < 0:
             raise ValueError(f"loop.max_iterations={self.max_iterations} must be >= 0")
+        if self.adapt_view not in VIEWS:
+            raise ValueError(f"loop.adapt_view={self.adapt_view!r} must be one of {VIEWS}")
         self.eval_points = tuple(
             p if isinstance(p, EvalPoint) else EvalPoint.from_config(p) for p in self.eval_points
         )

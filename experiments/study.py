@@ -1,0 +1,158 @@
+"""The SciFact study (README "Does it work?"): every job of Tables 1-3 and the control rows, in order.
+
+    python experiments/study.py                       # run what is missing, then write the report
+    python experiments/study.py --list                # the jobs, and which have results already
+    python experiments/study.py --only adapted_baseline-none-s1 --budget cpu_study
+    python experiments/study.py --report-only
+
+Each job is one `python -m resume.train budget=<budget> experiment=<e> ablation=<a> seed=<s>` run in
+`outputs/study/<budget>/<job>/`. When it finishes, its small result files (results.json and .md, the
+resolved config, per-query metrics, GRPO histories and samples, the summaries gzipped) are copied to
+`experiments/results/<budget>/<job>/`, which is committed: a later session (or machine) skips the
+jobs found there and continues with the rest. A job killed half-way resumes from its run folder's
+phase records. The untrained summaries and corpus embeddings are cached by content, so every run
+after the first reuses them. The jobs run in priority order: the full model at seed 0 first (it also
+evaluates the baseline, fixed-summary and non-iterative rows on the way), then the control rows, the
+ablations, and more seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+
+
+@dataclass(frozen=True)
+class Job:
+    experiment: str
+    ablation: str = "none"
+    seed: int = 0
+    data: str = "scifact"
+
+    @property
+    def name(self) -> str:
+        return f"{self.data}-{self.experiment}-{self.ablation}-s{self.seed}"
+
+    def overrides(self, budget: str) -> list[str]:
+        return [
+            f"budget={budget}",
+            f"data={self.data}",
+            f"experiment={self.experiment}",
+            f"ablation={self.ablation}",
+            f"seed={self.seed}",
+        ]
+
+
+JOBS = [
+    Job("iterative"),  # + the baseline, fixed_summary and non_iterative rows on the way
+    Job("adapted_baseline"),
+    Job("adapted_fixed_summary"),
+    Job("adapted_baseline", seed=1),
+    Job("adapted_baseline", seed=2),
+    Job("iterative", "no_adaptation"),
+    Job("iterative", "no_negatives"),
+    Job("iterative", "no_discrete_reward"),
+    Job("iterative", seed=1),
+    Job("iterative", seed=2),
+]
+
+# What a finished run folder contributes to the committed results (globs relative to it).
+KEEP = [
+    "results.json",
+    "results.md",
+    "config_resolved.yaml",
+    "runs/*.per_query.json",
+    "iter*/grpo_history.jsonl",
+    "iter*/grpo_stats.json",
+    "iter*/grpo_curves.png",
+    "iter*/samples/*",
+    "phases/*",
+]
+
+
+def collect(run: Path, dest: Path) -> list[Path]:
+    """Copy a finished run's small files to `dest` (summaries gzipped); returns what was written."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    written = []
+    for pattern in KEEP:
+        for src in sorted(run.glob(pattern)):
+            if src.is_file():
+                out = tmp / src.relative_to(run)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, out)
+                written.append(out)
+    for src in sorted((run / "summaries").glob("*.jsonl")):
+        out = tmp / "summaries" / (src.name + ".gz")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with src.open("rb") as f, gzip.open(out, "wb", compresslevel=9) as g:
+            shutil.copyfileobj(f, g)
+        written.append(out)
+    if not (tmp / "results.json").exists():
+        raise SystemExit(f"{run}: no results.json; the job did not finish")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)  # results.json lands with the rest or not at all
+    return [dest / p.relative_to(tmp) for p in written]
+
+
+def run_job(job: Job, budget: str, extra: list[str]) -> Path:
+    run = ROOT / "outputs" / "study" / budget / job.name
+    cmd = [sys.executable, "-m", "resume.train", *job.overrides(budget), f"hydra.run.dir={run}", *extra]
+    print(f"\n=== {job.name}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    log = run.parent / f"{job.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"{job.name} failed (exit {rc}); its log: {log}. Rerun to resume it.")
+    print(f"=== {job.name}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget", default="cpu_study")
+    ap.add_argument("--only", nargs="*", default=None, help="job names (see --list)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs")
+    ap.add_argument("extra", nargs="*", help="more Hydra overrides for every job")
+    args = ap.parse_args(argv)
+    results = RESULTS / args.budget
+    jobs = [j for j in JOBS if args.only is None or j.name in args.only]
+    if args.only:
+        unknown = set(args.only) - {j.name for j in JOBS}
+        if unknown:
+            raise SystemExit(f"unknown job(s) {sorted(unknown)}; --list shows them")
+    if args.list:
+        for j in jobs:
+            done = (results / j.name / "results.json").exists()
+            print(f"{'done   ' if done else 'missing'} {j.name}")
+        return
+    if not args.report_only:
+        ran = 0
+        for job in jobs:
+            if (results / job.name / "results.json").exists():
+                print(f"=== {job.name}: results in {results / job.name}, skipped")
+                continue
+            if args.max_jobs is not None and ran >= args.max_jobs:
+                break
+            written = collect(run_job(job, args.budget, args.extra), results / job.name)
+            print(f"=== {job.name}: {len(written)} result files in {results / job.name}", flush=True)
+            ran += 1
+    report = [sys.executable, str(ROOT / "experiments" / "report.py"), str(results), "--out", str(results)]
+    subprocess.check_call(report, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Resident memory of this process, sampled while a phase runs (its peak and where it ended).
+
+`ru_maxrss` only ever grows, so it cannot say which phase of a run held the memory; a small
+thread reading `/proc/self/statm` a few times a second can. Where /proc is missing (macOS),
+the sampler falls back to `ru_maxrss` and says so in its record.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+import resource
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+_STATM = Path("/proc/self/statm")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_mb() -> float:
+    """This process's resident set now, in MB (the peak so far where /proc is missing)."""
+    try:
+        return int(_STATM.read_text().split()[1]) * _PAGE / 2**20
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _libc_malloc_trim() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_memory() -> float:
+    """Collect garbage and hand glibc's free heap pages back to the system; returns MB released.
+
+    A phase's tensors (activations, optimizer state, a model copy) are freed when it ends, but glibc
+    keeps the pages of its arenas, so the process's resident set stays at the phase's peak and the
+    next phase stacks its own peak on top. `malloc_trim(0)` returns them.
+    """
+    before = rss_mb()
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+    return max(0.0, before - rss_mb())
+
+
+class PeakRSS:
+    """`with PeakRSS() as m: ...` then `m.record()`: {start_mb, peak_mb, end_mb} of the block."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.interval_s = interval_s
+        self.start_mb = self.peak_mb = self.end_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, rss_mb())
+
+    def __enter__(self) -> Self:
+        self.start_mb = self.peak_mb = rss_mb()
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.end_mb = rss_mb()
+        self.peak_mb = max(self.peak_mb, self.end_mb)
+
+    def record(self) -> dict[str, float]:
+        return {
+            "start_mb": round(self.start_mb, 1),
+            "peak_mb": round(self.peak_mb, 1),
+            "end_mb": round(self.end_mb, 1),
+        }
