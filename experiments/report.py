@@ -1,14 +1,18 @@
-"""Gather finished runs and write the paper's Tables 1-3 (Markdown + CSV) and per-iteration plots.
+"""Gather finished runs and write the paper's Tables 1-3 (Markdown + CSV), the control rows, the
+per-iteration reward watch, summary samples and plots.
 
     python experiments/report.py outputs/ multirun/ --out report/
+    python experiments/report.py experiments/results/cpu_study --out experiments/results/cpu_study
 
-Each table cell is the mean over seeds (± sample std when there are several). Significance
-is a paired two-sided randomisation test (sign flipping, 10,000 draws, fixed seed) of
-per-query nDCG@10 against the baseline row on the same data and split, per-query values
-averaged over the seeds both rows share; Table 3 compares each ablation with the full model.
-Every table names the corpus it indexed and its size, the query count and the models. The rows
-come from the configs: Table 1 is `experiment=iterative`'s evaluation points and its own row,
-Table 3 every `conf/ablation/*.yaml`.
+Each table cell is the mean over seeds (± sample std when there are several); the 95% CI column is
+a bootstrap over queries (10,000 resamples, fixed seed) of the per-query nDCG@10 averaged over the
+row's seeds. Δ columns are the mean per-query difference against a reference row, with its paired
+bootstrap 95% CI and a paired two-sided randomisation test (sign flipping, 10,000 draws, fixed seed),
+per-query values averaged over the seeds both rows share. Table 1 is compared with the baseline and
+with `adapted_baseline` (the control row that gets the same supervised adaptation on documents);
+Table 3 each ablation with the full model. Every table names the corpus it indexed and its size, the
+query count and the models. The rows come from the configs: Table 1 is `experiment=iterative`'s
+evaluation points and its own row, then the control rows; Table 3 every `conf/ablation/*.yaml`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import csv
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,10 @@ ABLATION_LABELS = {
     "no_discrete_reward": "w/o discrete reward",
 }
 PAPER_ROWS = table1_rows()
+CONTROL_ROWS = {  # not in the paper: conf/experiment/adapted_*.yaml
+    "adapted_baseline": "control: adapted baseline (documents)",
+    "adapted_fixed_summary": "control: adapted fixed summary",
+}
 ABLATIONS = ablation_names()
 TABLE1_METRICS = ["mrr@10", "ndcg@10", "recall@100", "recall@1000"]
 TABLE2_METRICS = ["mrr@10", "ndcg@10", "recall@100"]
@@ -108,6 +116,28 @@ def paired_randomization(a: np.ndarray, b: np.ndarray, draws: int = 10_000, seed
     return float((np.sum(null >= abs(d.mean()) - 1e-12) + 1) / (draws + 1))
 
 
+def bootstrap_ci(
+    values: np.ndarray, draws: int = 10_000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of `values` (resampling queries with replacement)."""
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(draws, len(values)))
+    means = values[idx].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def ci_cell(entries: list[dict[str, Any]], metric: str = "ndcg@10") -> str:
+    """95% bootstrap CI over queries of a row's per-query `metric` (averaged over its seeds)."""
+    pq = _per_query(entries, metric, {e["seed"] for e in entries})
+    if not pq:
+        return "–"
+    lo, hi = bootstrap_ci(np.array([pq[q] for q in sorted(pq)]))
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
 def _per_query(entries: list[dict[str, Any]], metric: str, seeds: set[int]) -> dict[str, float]:
     """Per-query metric averaged over the given seeds."""
     acc: dict[str, list[float]] = defaultdict(list)
@@ -143,7 +173,8 @@ def significance(
         return "n/a"
     x, y = np.array([a[q] for q in common]), np.array([b[q] for q in common])
     p = paired_randomization(x, y)
-    return f"{(x - y).mean():+.4f} (p={p:.3g}{'*' if p < 0.05 else ''})"
+    lo, hi = bootstrap_ci(x - y)
+    return f"{(x - y).mean():+.4f} [{lo:+.3f}, {hi:+.3f}] (p={p:.3g}{'*' if p < 0.05 else ''})"
 
 
 def table(
@@ -153,11 +184,20 @@ def table(
     rows: list[tuple[str, str, str]],
     metrics: list[str],
     title: str,
-    ref: tuple[str, str] = ("baseline", "none"),
-    ref_label: str = "baseline",
+    refs: Sequence[tuple[str, tuple[str, str]]] = (("baseline", ("baseline", "none")),),
 ) -> tuple[str, list[list[str]]]:
-    """rows: (label, row name, ablation); the significance column compares each row with `ref`."""
-    header = ["run", *metrics, f"Δ nDCG@10 vs {ref_label} (paired)", "seeds", "corpus indexed", "queries"]
+    """rows: (label, row name, ablation); each Δ column compares a row with one reference
+    (label, (row, ablation)); a reference with no runs gets no column."""
+    refs = [(label, ref) for label, ref in refs if groups.get((data, split, *ref))]
+    header = [
+        "run",
+        *metrics,
+        "nDCG@10 95% CI",
+        *[f"Δ nDCG@10 vs {label} [95% CI] (paired p)" for label, _ in refs],
+        "seeds",
+        "corpus indexed",
+        "queries",
+    ]
     md = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out = [header]
     for label, row, ablation in rows:
@@ -169,8 +209,9 @@ def table(
         line = [
             label,
             *cells,
-            significance(groups, data, split, row, ablation, ref),
-            str(len(entries)),
+            ci_cell(entries),
+            *[significance(groups, data, split, row, ablation, ref) for _, ref in refs],
+            ", ".join(str(e["seed"]) for e in entries),
             f"{corpus['name']} ({corpus['size']} docs)",
             str(entries[0]["num_queries"]),
         ]
@@ -190,8 +231,8 @@ def table(
         }
     )
     note = (
-        "Δ: mean per-query difference and paired randomisation p over the queries and the seeds both rows "
-        "share (cells average all of a row's seeds)"
+        "Δ: mean per-query difference, its paired bootstrap 95% CI and the paired randomisation p "
+        "(* p < 0.05) over the queries and the seeds both rows share; cells average all of a row's seeds"
     )
     md += ["", note, f"budget: {'; '.join(budgets)}", f"models: {'; '.join(models)}", ""]
     return "\n".join(md), out
@@ -242,6 +283,278 @@ def plot_iterations(groups, out: Path) -> list[Path]:
     return written
 
 
+def grpo_history(run: str | Path, iteration: int) -> list[dict[str, Any]]:
+    """The GRPO round's per-step records (train/* and val/*), [] when the round left none."""
+    path = Path(run) / f"iter{iteration}" / "grpo_history.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_summaries(run: str | Path, label: str) -> dict[str, dict[str, Any]] | None:
+    """doc id -> record of `<run>/summaries/<label>.jsonl` (or its .gz copy), None when absent."""
+    import gzip
+
+    for path in (Path(run) / "summaries" / f"{label}.jsonl", Path(run) / "summaries" / f"{label}.jsonl.gz"):
+        if path.exists():
+            if path.suffix == ".gz":
+                with gzip.open(path, "rt") as f:
+                    raw = f.read()
+            else:
+                raw = path.read_text()
+            return {r["doc_id"]: r for r in map(json.loads, raw.splitlines()) if r}
+    return None
+
+
+_DATA: dict[str, Any] = {}
+
+
+def run_data(run: str | Path) -> Any:
+    """The run's dataset, rebuilt from its resolved config (None when it cannot be loaded here)."""
+    from omegaconf import OmegaConf
+
+    cfg_path = Path(run) / "config_resolved.yaml"
+    if not cfg_path.exists():
+        return None
+    node = OmegaConf.load(cfg_path).data
+    key = json.dumps(OmegaConf.to_container(node), sort_keys=True)
+    if key not in _DATA:
+        from hydra.utils import instantiate
+
+        try:
+            _DATA[key] = instantiate(node)
+        except Exception as e:  # noqa: BLE001 -- not on this machine: say so, do not invent the column
+            print(f"note: {cfg_path}: data not loadable here ({type(e).__name__}: {e}); no query overlap")
+            _DATA[key] = None
+    return _DATA[key]
+
+
+def train_query_overlap(run: str | Path, label: str) -> tuple[float, float] | None:
+    """Keyword-stuffing watch: mean over documents judged relevant to a training query of the share
+    of those queries' content words that the summary contains, and the same for the document itself
+    (what an honest summary inherits)."""
+    from resume.rewards.diagnostics import query_overlap
+
+    data, summaries = run_data(run), read_summaries(run, label)
+    if data is None or summaries is None or "train" not in data.splits:
+        return None
+    queries: dict[str, list[str]] = defaultdict(list)
+    train = data.splits["train"]
+    for q, docs in train.qrels.items():
+        for d, rel in docs.items():
+            if rel > 0 and q in train.queries:
+                queries[d].append(train.queries[q])
+    docs = [d for d in queries if d in summaries and summaries[d]["summary"] is not None]
+    if not docs:
+        return None
+    texts = data.full_texts()
+    summ = float(np.mean([query_overlap(summaries[d]["summary"], queries[d]) for d in docs]))
+    doc = float(np.mean([query_overlap(texts[d], queries[d]) for d in docs]))
+    return summ, doc
+
+
+def _first_last(history: list[dict[str, Any]], key: str) -> str:
+    vals = [h[key] for h in history if h.get(key) is not None]
+    return f"{vals[0]:+.3f} → {vals[-1]:+.3f}" if vals else "–"
+
+
+def _buckets(history: list[dict[str, Any]]) -> str:
+    """The round's histogram of Delta buckets (share of scored rollouts per bucket, low to high)."""
+    keys = sorted({k for h in history for k in h if k.startswith("train/bucket_")}, key=lambda k: int(k[13:]))
+    if not keys:
+        return "–"
+    return " ".join(f"{np.mean([h.get(k, 0.0) for h in history]):.2f}" for k in keys)
+
+
+def reward_watch(groups, data: str) -> str:
+    """Per run and iteration of the iterative rows: the reward and its two terms, Delta, the separator
+    rate, the bucket histogram, dev MRR@10, and the summaries' length, repetition and query overlap."""
+    split = eval_split_of(groups, data)
+    header = [
+        "run",
+        "t",
+        "reward (first → last step)",
+        "structure term",
+        "retrieval term",
+        "mean Δ",
+        "rollout separator rate",
+        "Δ buckets (share per bucket, low → high)",
+        "dev MRR@10",
+        "summary tokens",
+        "corpus separator failures",
+        "repetition",
+        "train-query overlap: summary / document",
+    ]
+    lines = [f"### Reward watch – {data}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (d, s, row, ablation), entries in sorted(groups.items()):
+        if d != data or s != split or row != "iterative":
+            continue
+        for e in entries:
+            run = e["run"]
+            summaries = json.loads((Path(run) / "results.json").read_text()).get("summaries", {})
+            its = {it["iteration"]: it for it in e["iterations"]}
+            for t in range(max(its, default=0) + 1):
+                it = its.get(t, {})
+                hist = grpo_history(run, t) if t else []
+                stats = summaries.get(f"iter{t}", {})
+                overlap = train_query_overlap(run, f"iter{t}")
+                cells = [
+                    f"{ablation} s{e['seed']}",
+                    str(t),
+                    _first_last(hist, "train/reward_mean"),
+                    _first_last(hist, "train/structure_mean"),
+                    _first_last(hist, "train/retrieval_mean"),
+                    _first_last(hist, "train/delta_mean"),
+                    _first_last(hist, "train/separator_rate"),
+                    _buckets(hist),
+                    f"{it['dev']['mrr@10']:.4f}" if "dev" in it else "–",
+                    f"{stats['summary_tokens_mean']:.1f}" if stats.get("summary_tokens_mean") else "–",
+                    f"{stats['separator_failure_rate']:.3f}" if "separator_failure_rate" in stats else "–",
+                    f"{stats['repetition_mean']:.3f}" if stats.get("repetition_mean") is not None else "–",
+                    f"{overlap[0]:.3f} / {overlap[1]:.3f}" if overlap else "–",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+    if len(lines) == 4:
+        return ""
+    lines += [
+        "",
+        (
+            "t = 0 is the untrained summarizer. Reward terms are the GRPO rollouts' means at the round's "
+            "first and last step; Δ = retrieval score of the summary minus the document's (METHOD.md); "
+            "buckets follow reward.bucket_edges. Repetition: share of repeated word 3-grams. Train-query "
+            "overlap: share of the content words of a document's training queries found in its summary "
+            "(left) and in the document itself (right); a summary far above its document copies queries."
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def summary_samples(groups, data: str, n: int = 5, seed: int = 0) -> str:
+    """`n` seeded documents: the untrained summary and the final one of the full model's first seed."""
+    split = eval_split_of(groups, data)
+    entries = groups.get((data, split, "iterative", "none"))
+    if not entries:
+        return ""
+    e = entries[0]
+    last = max((it["iteration"] for it in e["iterations"]), default=0)
+    before, after = read_summaries(e["run"], "iter0"), read_summaries(e["run"], f"iter{last}")
+    if not before or not after:
+        return ""
+    ids = sorted(set(before) & set(after))
+    pick = np.random.default_rng(seed).choice(len(ids), size=min(n, len(ids)), replace=False)
+
+    def show(rec: dict[str, Any]) -> str:
+        text = rec["summary"] if rec["summary"] is not None else f"(no separator) {rec['completion']}"
+        return " ".join(text.split()).replace("|", "\\|")
+
+    lines = [
+        (
+            f"### Summary samples – {data}, full model seed {e['seed']}: "
+            f"before GRPO (t = 0) and after (t = {last})"
+        ),
+        "",
+    ]
+    for i in sorted(pick):
+        d = ids[i]
+        lines += [f"- **{d}** before: {show(before[d])}", f"  - after: {show(after[d])}"]
+    return "\n".join([*lines, ""])
+
+
+def efficiency(groups, data: str) -> str:
+    """What the paper's efficiency motive is about: words indexed, index size, corpus encode time."""
+    from resume.rewards.diagnostics import words
+
+    split = eval_split_of(groups, data)
+    lines = [
+        f"### Index over summaries vs documents – {data}",
+        "",
+        "| row | view | words per indexed text | index bytes | corpus encode s |",
+        "|---|---|---|---|---|",
+    ]
+    seen = set()
+    for (d, s, row, ablation), entries in sorted(groups.items()):
+        if d != data or s != split or ablation != "none":
+            continue
+        e = entries[0]
+        res = json.loads((Path(e["run"]) / "results.json").read_text())
+        for r in res.get("rows", []):
+            if r["row"] != row or r["split"] != split or row in seen:
+                continue
+            seen.add(row)
+            if r.get("view", "documents") == "documents":
+                ds = run_data(e["run"])
+                texts = list(ds.full_texts().values()) if ds is not None else []
+            else:
+                last = max((it["iteration"] for it in res.get("iterations", [])), default=0)
+                t = 0 if row == "fixed_summary" else (1 if row == "non_iterative" else last)
+                recs = read_summaries(e["run"], f"iter{t}") or {}
+                texts = [x["indexed_text"] for x in recs.values()]
+            n_words = f"{np.mean([len(words(x)) for x in texts]):.1f}" if texts else "–"
+            enc = r.get("seconds", {}).get("encode_corpus")
+            lines.append(
+                f"| {row} | {r.get('view', '–')} | {n_words} | {r.get('index', {}).get('bytes', '–')} | "
+                f"{enc if enc is not None else '–'} |"
+            )
+    lines += [
+        "",
+        (
+            "A flat inner-product index costs the same bytes per text whatever its length; what summaries "
+            "save is encoding (and, for a long-document corpus, truncation). Encode time is 0 where the "
+            "embeddings came from the cache."
+        ),
+        "",
+    ]
+    return "\n".join(lines) if len(lines) > 7 else ""
+
+
+def plot_grpo_steps(groups, out: Path) -> list[Path]:
+    """Per GRPO step across the iterations of each iterative run: reward, its two terms, Delta and
+    the separator rate (dotted lines: iteration boundaries)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        ("reward", "train/reward_mean"),
+        ("structure term", "train/structure_mean"),
+        ("retrieval term", "train/retrieval_mean"),
+        ("mean Δ", "train/delta_mean"),
+        ("separator rate", "train/separator_rate"),
+    ]
+    written = []
+    for (data, split, row, ablation), entries in groups.items():
+        if row != "iterative" or split != eval_split_of(groups, data):
+            continue
+        series = []
+        for e in entries:
+            steps, bounds = [], []
+            for it in sorted(it["iteration"] for it in e["iterations"]):
+                hist = [h for h in grpo_history(e["run"], it) if "train/reward_mean" in h]
+                bounds.append(len(steps))
+                steps += hist
+            series.append((e["seed"], steps, bounds))
+        if not any(steps for _, steps, _ in series):
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(20, 3.2))
+        for ax, (name, key) in zip(axes, keys):
+            for seed, steps, bounds in series:
+                ax.plot([h.get(key) for h in steps], label=f"seed {seed}")
+                for b in bounds[1:]:
+                    ax.axvline(b - 0.5, ls=":", c="grey")
+            ax.set_title(name)
+            ax.set_xlabel("GRPO step (all iterations)")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{data} – iterative – {ablation}: GRPO rollouts per step")
+        fig.tight_layout()
+        path = out / f"grpo_steps_{data}_{ablation}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def paper_tables(groups, data: str) -> list[tuple[str, str, list[list[str]]]]:
     """(name, Markdown, CSV rows) of the paper's tables for one dataset: Table 1 (Table 2 for the
     out-of-domain NFCorpus, without R@1000) against the baseline, and Table 3 against the full model."""
@@ -251,9 +564,14 @@ def paper_tables(groups, data: str) -> list[tuple[str, str, list[list[str]]]]:
         groups,
         data,
         split,
-        [(r, r, "none") for r in PAPER_ROWS],
+        [(r, r, "none") for r in PAPER_ROWS] + [(label, r, "none") for r, label in CONTROL_ROWS.items()],
         metrics,
         f"{main_name.replace('table', 'Table ')} – {data} ({split})",
+        refs=[
+            ("baseline", ("baseline", "none")),
+            ("adapted baseline", ("adapted_baseline", "none")),
+            ("full model", ("iterative", "none")),
+        ],
     )
     t3, c3 = table(
         groups,
@@ -262,8 +580,7 @@ def paper_tables(groups, data: str) -> list[tuple[str, str, list[list[str]]]]:
         [(ABLATION_LABELS.get(a, a), "iterative", a) for a in ABLATIONS],
         ["ndcg@10"],
         f"Table 3 – ablations – {data} ({split})",
-        ref=("iterative", "none"),
-        ref_label="full model",
+        refs=[("full model", ("iterative", "none"))],
     )
     return [(main_name, t1, c1), ("table3", t3, c3)]
 
@@ -285,7 +602,12 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(md)
             with (out / f"{name}_{data}.csv").open("w", newline="") as f:
                 csv.writer(f).writerows(rows)
-    plots = plot_iterations(groups, out)
+        sections += [x for x in (efficiency(groups, data), reward_watch(groups, data)) if x]
+        samples = summary_samples(groups, data)
+        if samples:
+            sections.append(samples)
+            (out / f"samples_{data}.md").write_text(samples)
+    plots = plot_iterations(groups, out) + plot_grpo_steps(groups, out)
     text = "\n".join(sections) + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
     (out / "tables.md").write_text(text)
     print(text)

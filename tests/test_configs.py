@@ -34,9 +34,11 @@ def _flat(cfg) -> dict[str, object]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_every_experiment_and_ablation_composes(compose_in_tmp, experiment, ablation):
-    cfg = compose_in_tmp([f"experiment={experiment}", f"ablation={ablation}", "debug=smoke"])
+    extra = ["transfer.run=/some/finished/run"] if experiment == "transfer" else []  # its one required key
+    cfg = compose_in_tmp([f"experiment={experiment}", f"ablation={ablation}", "debug=smoke", *extra])
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    assert cfg.experiment_name == experiment.removeprefix("paper_")
+    named = {"transfer": "iterative"}  # transfer names its row after what it transfers
+    assert cfg.experiment_name == named.get(experiment, experiment.removeprefix("paper_"))
     assert cfg.ablation_name == ablation
 
 
@@ -74,7 +76,7 @@ def test_data_configs_compose(compose_in_tmp, dataset):
 
 
 def test_offline_data_configs_point_at_shared_copies(compose_in_tmp):
-    for name in ["scifact", "msmarco_dl19"]:
+    for name in ["scifact", "msmarco_dl19", "nfcorpus"]:
         cfg = compose_in_tmp([f"data={name}"])
         assert Path(cfg.data.path).parts[-3:] == ("shared", "data", name) or "RESUME_SHARED_DATA" in str(
             cfg.data.path
@@ -187,3 +189,18 @@ def test_slurm_launcher_preset_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.max_num_timeout) == (1, 1, 3)
+
+
+@pytest.mark.parametrize("control", ["adapted_baseline", "adapted_fixed_summary"])
+def test_control_rows_share_the_iterative_rows_recipe(compose_in_tmp, control):
+    """A control row differs from `iterative` only in the keys its file names (and the Table 1
+    evaluation points, which only `iterative` lists): adaptation, retriever, reward and budget are
+    the full model's, so the comparison isolates what the control leaves out."""
+    full = _flat(compose_in_tmp(["experiment=iterative"]))
+    mine = _flat(compose_in_tmp([f"experiment={control}"]))
+    diff = {k for k in set(full) | set(mine) if full.get(k) != mine.get(k)}
+    diff = {k for k in diff if not k.startswith("loop.eval_points")}
+    text = (CONFIG_DIR / "experiment" / f"{control}.yaml").read_text()
+    assert diff, "a control row must change something"
+    assert all(k.split(".")[-1] in text for k in diff), f"{control} changes keys it does not name: {diff}"
+    assert not [k for k in diff if k.split(".")[0] in {"adaptation", "retriever", "reward", "budget", "data"}]

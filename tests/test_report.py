@@ -78,16 +78,49 @@ def test_tables_cells_spread_and_paired_tests(tmp_path, capsys):
     means = [np.mean(full[s]) for s in (0, 1)]
     assert t1[2] == f"{np.mean(means):.4f} ± {np.std(means, ddof=1):.4f}"  # nDCG@10 over the seeds
     d = np.mean([full[0], full[1]], axis=0) - np.array(base)  # per-query, averaged over shared seeds
-    delta, p = t1[5].split(" (p=")
+    # 95% bootstrap CI over queries of the seed-averaged per-query nDCG@10: inside the observed range
+    lo, hi = (float(x) for x in t1[5].strip("[]").split(", "))
+    pooled = np.mean([full[0], full[1]], axis=0)
+    assert pooled.min() <= lo < pooled.mean() < hi <= pooled.max()
+    assert (lo, hi) == pytest.approx(report.bootstrap_ci(pooled), abs=1e-3)
+    delta, rest = t1[6].split(" [")
+    ci, p = rest.split("] (p=")
     assert float(delta) == pytest.approx(d.mean(), abs=1e-4)
     assert float(p.rstrip("*)")) == pytest.approx(exact_p(d), abs=0.02)
+    assert tuple(float(x) for x in ci.split(", ")) == pytest.approx(report.bootstrap_ci(d), abs=1e-3)
     t3 = next(line for line in md.splitlines() if line.startswith("| w/o retrieval adaptation")).split(" | ")
     d3 = np.array(base[::-1]) - np.mean([full[0], full[1]], axis=0)  # Table 3: against the full model
-    assert float(t3[2].split(" (p=")[0]) == pytest.approx(d3.mean(), abs=1e-4)
+    assert float(t3[3].split(" [")[0]) == pytest.approx(d3.mean(), abs=1e-4)
     assert "Δ nDCG@10 vs full model" in md and "Δ nDCG@10 vs baseline" in md
     assert "budget: test budget" in md and (tmp_path / "rep" / "table3_scifact.csv").is_file()
     assert (tmp_path / "rep" / "iterations_scifact_none.png").is_file()
     assert "w/o negative queries" not in md  # rows without runs are left out, not invented
+    assert "vs adapted baseline" not in md  # no adapted_baseline run: no column against it
+
+
+def test_bootstrap_ci_covers_the_mean_and_narrows_with_more_queries():
+    rng = np.random.default_rng(1)
+    small, large = rng.random(30), rng.random(3000)
+    lo_s, hi_s = report.bootstrap_ci(small)
+    lo_l, hi_l = report.bootstrap_ci(large)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 5  # ~ 1/sqrt(n): 10x narrower for 100x the queries
+    assert report.bootstrap_ci(np.full(10, 0.5)) == (0.5, 0.5)
+
+
+def test_control_rows_are_reported_against_the_adapted_baseline(tmp_path):
+    base, adapted, full = [0.2, 0.4, 0.6, 0.8, 1.0], [0.3, 0.5, 0.6, 0.8, 1.0], [0.5, 0.6, 0.7, 0.9, 1.0]
+    _run(tmp_path, "none", 0, {"baseline": base, "iterative": full})
+    folder = tmp_path / "ctrl"
+    _run(folder, "none", 0, {"adapted_baseline": adapted})
+    report.main([str(tmp_path), "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "tables.md").read_text()
+    assert "Δ nDCG@10 vs adapted baseline" in md
+    line = next(x for x in md.splitlines() if x.startswith("| iterative ")).split(" | ")
+    header = next(x for x in md.splitlines() if x.startswith("| run ")).split(" | ")
+    col = next(i for i, h in enumerate(header) if h.startswith("Δ nDCG@10 vs adapted baseline"))
+    assert float(line[col].split(" [")[0]) == pytest.approx(np.mean(full) - np.mean(adapted), abs=1e-4)
+    assert any(x.startswith("| control: adapted baseline (documents) ") for x in md.splitlines())
 
 
 def test_paired_randomization_matches_enumeration():

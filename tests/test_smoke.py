@@ -141,3 +141,46 @@ def test_a_new_row_is_a_yaml_entry(compose_in_tmp):
     ]  # fmt: skip
     assert results["rows"][0]["metrics"] == results["rows"][-1]["metrics"]  # the same state, indexed twice
     assert results["unreached_eval_points"] == ["later"]
+
+
+def test_adapted_baseline_trains_on_documents_without_a_summarizer(compose_in_tmp, tmp_path):
+    """Control row: the iterative row's adaptation recipe on (query, document) pairs, T rounds."""
+    results = run(compose_in_tmp(["debug=smoke", "experiment=adapted_baseline", "logger=none"]))
+    assert results["summarizer"] is None  # no LLM is loaded for it
+    assert [r["row"] for r in results["rows"]] == ["adapted_baseline"] * 2
+    assert all(r["view"] == "documents" for r in results["rows"])
+    phases = sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json"))
+    assert phases == ["iter1-adapt", "iter2-adapt"]
+    assert [it["adapt"]["view"] for it in results["iterations"]] == ["documents", "documents"]
+    assert {it["dev"]["ndcg@10"] for it in results["iterations"]}  # dev evaluated over documents
+    for key, mem in results["memory_mb"].items():
+        assert 0 < mem["start_mb"] <= mem["peak_mb"], key
+
+
+def test_adapted_fixed_summary_adapts_on_the_untrained_summaries(compose_in_tmp, tmp_path):
+    results = run(compose_in_tmp(["debug=smoke", "experiment=adapted_fixed_summary", "logger=none"]))
+    assert [r["view"] for r in results["rows"]] == ["summaries"] * 2
+    phases = sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json"))
+    assert phases == ["iter1-adapt", "iter2-adapt"]  # no GRPO
+    assert [it["adapt"]["view"] for it in results["iterations"]] == ["summaries", "summaries"]
+    # the summarizer never changes: iteration 1 generates the untrained summaries, iteration 2
+    # finds every one of them in the cache
+    assert results["summaries"]["iter1"]["n_generated"] == results["summaries"]["iter1"]["n_docs"]
+    assert results["summaries"]["iter2"]["n_generated"] == 0
+    assert results["summaries"]["iter2"]["cache_file"] == results["summaries"]["iter1"]["cache_file"]
+
+
+def test_transfer_evaluates_a_finished_runs_models(compose_in_tmp, tmp_path):
+    """experiment=transfer (Table 2) loads a run's last summarizer and retriever: on the same data it
+    reproduces that run's own final row exactly, and it trains nothing."""
+    fast = ["grpo.config.steps=1", "grpo.config.val_every=0", "logger=none"]
+    first = run(compose_in_tmp(["debug=smoke", "experiment=iterative", *fast]))
+    source = tmp_path / "source"
+    (tmp_path / "out").rename(source)
+    again = run(compose_in_tmp(["debug=smoke", "experiment=transfer", f"transfer.run={source}", *fast]))
+    assert again["iterations"] == [] and not list((tmp_path / "out" / "phases").glob("*.json"))
+    assert again["summarizer"]["name"] == str(source / "iter2" / "summarizer")
+    assert again["retriever"]["name"] == str(source / "iter2" / "retriever")
+    mine = {r["split"]: r["metrics"] for r in again["rows"]}
+    theirs = {r["split"]: r["metrics"] for r in first["rows"] if r["row"] == "iterative"}
+    assert mine == theirs
