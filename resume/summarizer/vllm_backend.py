@@ -297,6 +297,11 @@ class VLLMBackend:
             del llm
             gc.collect()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block (benchmarks: a repeated pass would otherwise skip its
+        whole prefill, which no corpus pass over new documents can)."""
+        self.engine().reset_prefix_cache()
+
     def sync_weights(self, force: bool = False) -> float:
         """Load the model's current weights into the engine unless it holds them already; seconds taken."""
         llm = self.engine()
