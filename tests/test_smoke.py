@@ -168,6 +168,18 @@ def test_adapted_fixed_summary_adapts_on_the_untrained_summaries(compose_in_tmp,
     assert results["summaries"]["iter1"]["n_generated"] == results["summaries"]["iter1"]["n_docs"]
     assert results["summaries"]["iter2"]["n_generated"] == 0
     assert results["summaries"]["iter2"]["cache_file"] == results["summaries"]["iter1"]["cache_file"]
+    # the reward-hacking watch: overlap with the training queries' words, and the same five documents'
+    # summaries at every iteration in the run folder
+    for label in ("iter1", "iter2"):
+        stats = results["summaries"][label]
+        if stats["separator_failure_rate"] < 1.0:
+            assert 0.0 <= stats["train_query_overlap"] <= 1.0
+        else:  # the tiny random model rarely writes the separator: no summary to score
+            assert stats["train_query_overlap"] is None
+        assert 0.0 < stats["train_query_overlap_documents"] <= 1.0  # toy docs hold their queries' words
+    samples = (tmp_path / "out" / "summaries" / "samples.md").read_text()
+    assert samples.count("\n## ") == 5
+    assert samples.count("- **iter1**") == samples.count("- **iter2**") == 5
 
 
 def test_transfer_evaluates_a_finished_runs_models(compose_in_tmp, tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 
 from resume.data import RetrievalData
 from resume.retriever.adapt import training_pairs
-from resume.rewards.diagnostics import repetition_score
+from resume.rewards.diagnostics import query_overlap, repetition_score
 from resume.summaries.corpus import summarize_corpus
 from resume.summaries.stats import summary_stats
 from resume.utils.io import atomic_write_text
@@ -33,7 +33,19 @@ def make_summarize(
     fallback: str = "completion",
     progress: bool = True,
 ) -> Callable[[Any, str], tuple[dict[str, str], dict[str, Any]]]:
-    """Summarize the whole corpus (cached by weights + settings); copy the summaries into the run folder."""
+    """Summarize the whole corpus (cached by weights + settings); copy the summaries into the run folder,
+    with the reward-hacking watch: repetition, overlap with the training queries' words, and the same
+    five documents' summaries at every iteration (`summaries/samples.md`)."""
+    positives = train_queries_by_doc(data)
+    texts = data.full_texts()
+    document_overlap = (
+        float(np.mean([query_overlap(texts[d], qs) for d, qs in positives.items()])) if positives else None
+    )
+    sample_ids = sorted(data.corpus)
+    if sample_ids:
+        pick = np.random.default_rng(0).choice(len(sample_ids), size=min(5, len(sample_ids)), replace=False)
+        sample_ids = [sample_ids[i] for i in sorted(pick)]
+    samples: dict[str, dict[str, str]] = {}  # label -> doc -> indexed text
 
     def summarize(summarizer: Any, label: str) -> tuple[dict[str, str], dict[str, Any]]:
         result = summarize_corpus(summarizer, data.corpus, cache_dir, batch_size, progress, fallback)
@@ -42,6 +54,15 @@ def make_summarize(
         stats["repetition_mean"] = (
             float(np.mean([repetition_score(s) for s in summaries])) if summaries else None
         )
+        scored = [d for d in positives if result.records[d]["summary"] is not None]
+        stats["train_query_overlap"] = (
+            float(np.mean([query_overlap(result.records[d]["summary"], positives[d]) for d in scored]))
+            if scored
+            else None
+        )
+        stats["train_query_overlap_documents"] = document_overlap  # what the documents themselves hold
+        samples[label] = {d: result.texts[d] for d in sample_ids}
+        atomic_write_text(Path(out_dir) / "summaries" / "samples.md", samples_markdown(data, samples))
         stats["cache_file"] = str(result.cache_path)
         lines = (
             json.dumps(
@@ -61,6 +82,30 @@ def make_summarize(
         return result.texts, stats
 
     return summarize
+
+
+def train_queries_by_doc(data: RetrievalData) -> dict[str, list[str]]:
+    """doc id -> the texts of the training queries judged relevant to it (empty without a train split)."""
+    if "train" not in data.splits:
+        return {}
+    split = data.splits["train"]
+    out: dict[str, list[str]] = {}
+    for q, docs in split.qrels.items():
+        for d, rel in docs.items():
+            if rel > 0 and q in split.queries and d in data.corpus:
+                out.setdefault(d, []).append(split.queries[q])
+    return out
+
+
+def samples_markdown(data: RetrievalData, samples: Mapping[str, Mapping[str, str]]) -> str:
+    """The same documents' indexed summaries, one block per document, one line per summary label."""
+    lines = ["# Summary samples: the same five documents at every iteration", ""]
+    for d in next(iter(samples.values()), {}):
+        doc = data.corpus[d]
+        lines += [f"## {d}: {doc.title}", "", f"document: {' '.join(doc.text.split())[:600]}", ""]
+        lines += [f"- **{label}**: {' '.join(texts[d].split())}" for label, texts in samples.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def make_adapt(
