@@ -150,3 +150,33 @@ def test_reward_reseed_replays_negatives(compose_in_tmp, retriever):
     reward.sample_negatives(doc)
     reward.reseed(11)
     assert [reward.sample_negatives(doc) for _ in range(3)] == first
+
+
+class Watch(pl.Callback):
+    """Keeps weak references to the memory a GRPO round allocates: AdamW's moments and the reference
+    copy's weights."""
+
+    def __init__(self) -> None:
+        self.refs: list = []
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import weakref
+
+        tensors = [t for o in trainer.optimizers for st in o.state.values() for t in st.values()]
+        tensors += list(pl_module.reference.parameters()) if pl_module.reference is not None else []
+        self.refs = [weakref.ref(t) for t in tensors if isinstance(t, torch.Tensor) and t.numel() > 1]
+
+
+def test_a_finished_round_frees_its_gradients_optimizer_and_reference(compose_in_tmp, retriever, tmp_path):
+    """The loop's next phases must not carry a GRPO round's memory: after run_grpo returns, the
+    summarizer's weights hold no gradients, and AdamW's state and the reference copy are freed."""
+    import gc
+
+    watch = Watch()
+    _, model = _run(compose_in_tmp, retriever, tmp_path / "run", _config(steps=1), callbacks=[watch])
+    gc.collect()
+    assert all(p.grad is None for p in model.parameters())
+    n_params = sum(1 for _ in model.parameters())
+    assert len(watch.refs) >= 3 * n_params  # exp_avg, exp_avg_sq and the reference's copy, per weight
+    alive = [r for r in watch.refs if r() is not None]
+    assert not alive, f"{len(alive)} of {len(watch.refs)} tensors of the round still alive"

@@ -474,3 +474,4 @@ class GRPOModule(pl.LightningModule):
             policy.gradient_checkpointing_disable()
         for name, p in policy.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+            p.grad = None  # the last step's gradients: a model's worth of memory the next phases never use

@@ -161,6 +161,11 @@ def run_grpo(
             trainer.fit(module, train_dataloaders=batches, ckpt_path=str(resume) if resume else None)
     finally:
         module.finalize()
+        # Lightning's trainer and module outlive this call (reference cycles through its connectors),
+        # so free what they hold explicitly: AdamW's two moments per weight and the reference copy.
+        for opt in trainer.optimizers:
+            opt.state.clear()
+        module.reference = None
         summarizer.to(device)
         summarizer.train(modes[0])
         summarizer.model.train(modes[1])
