@@ -273,14 +273,20 @@ def plot_iterations(groups, out: Path) -> list[Path]:
             ax.set_title(name)
             ax.set_xlabel("iteration")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{data} – iterative – {ablation}")
-        fig.tight_layout()
-        path = out / f"iterations_{data}_{ablation}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        title, path = f"{data} – iterative – {ablation}", out / f"iterations_{data}_{ablation}.png"
+        written.append(_save_figure(fig, axes, title, path))
     return written
+
+
+def _save_figure(fig: Any, axes: Any, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def grpo_history(run: str | Path, iteration: int) -> list[dict[str, Any]]:
@@ -333,17 +339,13 @@ def train_query_overlap(run: str | Path, label: str) -> tuple[float, float] | No
     """Keyword-stuffing watch: mean over documents judged relevant to a training query of the share
     of those queries' content words that the summary contains, and the same for the document itself
     (what an honest summary inherits)."""
+    from resume.loop.phases import train_queries_by_doc
     from resume.rewards.diagnostics import query_overlap
 
     data, summaries = run_data(run), read_summaries(run, label)
-    if data is None or summaries is None or "train" not in data.splits:
+    if data is None or summaries is None:
         return None
-    queries: dict[str, list[str]] = defaultdict(list)
-    train = data.splits["train"]
-    for q, docs in train.qrels.items():
-        for d, rel in docs.items():
-            if rel > 0 and q in train.queries:
-                queries[d].append(train.queries[q])
+    queries = train_queries_by_doc(data)  # what the run's own summary statistics use
     docs = [d for d in queries if d in summaries and summaries[d]["summary"] is not None]
     if not docs:
         return None
@@ -461,6 +463,19 @@ def summary_samples(groups, data: str, n: int = 5, seed: int = 0) -> str:
     return "\n".join([*lines, ""])
 
 
+def row_iteration(run: str | Path, res: dict[str, Any], row: str) -> int:
+    """The iteration whose summaries `row` indexed: its `loop.eval_points` entry in the run's resolved
+    config, else (the run's own row) the last iteration the run reached."""
+    from omegaconf import OmegaConf
+
+    cfg_path = Path(run) / "config_resolved.yaml"
+    points = OmegaConf.load(cfg_path).loop.get("eval_points", []) if cfg_path.exists() else []
+    for point in points:
+        if point.row == row:
+            return int(point.get("iteration", 0))
+    return max((it["iteration"] for it in res.get("iterations", [])), default=0)
+
+
 def efficiency(groups, data: str) -> str:
     """What the paper's efficiency motive is about: words indexed, index size, corpus encode time."""
     from resume.rewards.diagnostics import words
@@ -486,9 +501,7 @@ def efficiency(groups, data: str) -> str:
                 ds = run_data(e["run"])
                 texts = list(ds.full_texts().values()) if ds is not None else []
             else:
-                last = max((it["iteration"] for it in res.get("iterations", [])), default=0)
-                t = 0 if row == "fixed_summary" else (1 if row == "non_iterative" else last)
-                recs = read_summaries(e["run"], f"iter{t}") or {}
+                recs = read_summaries(e["run"], f"iter{row_iteration(e['run'], res, row)}") or {}
                 texts = [x["indexed_text"] for x in recs.values()]
             n_words = f"{np.mean([len(words(x)) for x in texts]):.1f}" if texts else "–"
             enc = r.get("seconds", {}).get("encode_corpus")
@@ -545,13 +558,8 @@ def plot_grpo_steps(groups, out: Path) -> list[Path]:
                     ax.axvline(b - 0.5, ls=":", c="grey")
             ax.set_title(name)
             ax.set_xlabel("GRPO step (all iterations)")
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{data} – iterative – {ablation}: GRPO rollouts per step")
-        fig.tight_layout()
-        path = out / f"grpo_steps_{data}_{ablation}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        title = f"{data} – iterative – {ablation}: GRPO rollouts per step"
+        written.append(_save_figure(fig, axes, title, out / f"grpo_steps_{data}_{ablation}.png"))
     return written
 
 

@@ -36,19 +36,27 @@ def make_summarize(
     """Summarize the whole corpus (cached by weights + settings); copy the summaries into the run folder,
     with the reward-hacking watch: repetition, overlap with the training queries' words, and the same
     five documents' summaries at every iteration (`summaries/samples.md`)."""
-    positives = train_queries_by_doc(data)
-    texts = data.full_texts()
-    document_overlap = (
-        float(np.mean([query_overlap(texts[d], qs) for d, qs in positives.items()])) if positives else None
-    )
-    sample_ids = sorted(data.corpus)
-    if sample_ids:
-        pick = np.random.default_rng(0).choice(len(sample_ids), size=min(5, len(sample_ids)), replace=False)
-        sample_ids = [sample_ids[i] for i in sorted(pick)]
+    watch: dict[str, Any] = {}  # built at the first corpus pass: a run that never summarizes pays nothing
     samples: dict[str, dict[str, str]] = {}  # label -> doc -> indexed text
+
+    def watched() -> dict[str, Any]:
+        if not watch:
+            positives = train_queries_by_doc(data)
+            texts = data.full_texts()
+            ids = sorted(data.corpus)
+            pick = np.random.default_rng(0).choice(len(ids), size=min(5, len(ids)), replace=False)
+            watch.update(
+                positives=positives,
+                document_overlap=float(np.mean([query_overlap(texts[d], qs) for d, qs in positives.items()]))
+                if positives
+                else None,
+                sample_ids=[ids[i] for i in sorted(pick)],
+            )
+        return watch
 
     def summarize(summarizer: Any, label: str) -> tuple[dict[str, str], dict[str, Any]]:
         result = summarize_corpus(summarizer, data.corpus, cache_dir, batch_size, progress, fallback)
+        positives, sample_ids = watched()["positives"], watch["sample_ids"]
         stats = summary_stats(result, count_tokens)
         summaries = [r["summary"] for r in result.records.values() if r["summary"] is not None]
         stats["repetition_mean"] = (
@@ -60,7 +68,7 @@ def make_summarize(
             if scored
             else None
         )
-        stats["train_query_overlap_documents"] = document_overlap  # what the documents themselves hold
+        stats["train_query_overlap_documents"] = watch["document_overlap"]  # what the documents hold
         samples[label] = {d: result.texts[d] for d in sample_ids}
         atomic_write_text(Path(out_dir) / "summaries" / "samples.md", samples_markdown(data, samples))
         stats["cache_file"] = str(result.cache_path)
