@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resume.data import register_data_resolvers
 from resume.loop import Loop, LoopConfig, make_adapt, make_grpo, make_summarize
+from resume.utils import distributed
 from resume.utils.config import register_resolvers
 from resume.utils.io import atomic_write_json, atomic_write_text
 from resume.utils.lightning import build_loggers, close_loggers
@@ -109,14 +110,27 @@ def build_loop(
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Build everything the config names, run it, write results.json, close the loggers."""
+    """Build everything the config names, run it, write results.json, close the loggers.
+
+    Under torchrun every rank runs this; rank 0 alone writes the run folder (and logs)."""
     t0 = time.perf_counter()
+    distributed.init_from_env(float(cfg.get("distributed", {}).get("timeout_minutes", 60)))
+    try:
+        return _run(cfg, t0)
+    finally:
+        distributed.teardown()
+
+
+def _run(cfg: DictConfig, t0: float) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     _check_run_folder(out, resolved)
-    atomic_write_text(out / "config_resolved.yaml", resolved)
+    distributed.barrier()  # every rank has compared the folder's config before rank 0 rewrites it
+    if distributed.is_main():
+        atomic_write_text(out / "config_resolved.yaml", resolved)
+    distributed.only_rank_zero_writes(out)
     loggers = build_loggers(cfg.get("logger"))
     status = "failed"
     try:
@@ -146,13 +160,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "wall_time_s": round(time.perf_counter() - t0, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+        if distributed.world_size() > 1:
+            results["peak_rss_mb_per_rank"] = distributed.all_gather(results["peak_rss_mb"])
+        status = "success"
+        if not distributed.is_main():
+            return results
         atomic_write_json(out / "results.json", results)
         table = results_table(results)
         atomic_write_text(out / "results.md", table + "\n")
         print(table)
         seconds, rss = results["wall_time_s"], results["peak_rss_mb"]
         print(f"\nrun folder: {out} ({seconds:.0f} s, peak RSS {rss:.0f} MB)")
-        status = "success"
         return results
     finally:
         close_loggers(loggers, status)

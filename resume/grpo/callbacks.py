@@ -13,7 +13,7 @@ class StepCheckpoint(pl.Callback):
 
     The file is written beside its final name and renamed, so a crash while saving never leaves a
     checkpoint that cannot be loaded. Saved at `on_train_batch_end`, as Lightning's own
-    ModelCheckpoint does, so the trainer resumes with the next batch.
+    ModelCheckpoint does, so the trainer resumes with the next batch. On several ranks rank 0 writes it.
     """
 
     def __init__(self, dirpath: str | Path, every: int) -> None:
@@ -28,7 +28,10 @@ class StepCheckpoint(pl.Callback):
         step = trainer.global_step
         if step % self.every and step < trainer.max_steps:
             return
-        self.dirpath.mkdir(parents=True, exist_ok=True)
         tmp = self.dirpath / ".last.ckpt.tmp"
-        trainer.save_checkpoint(tmp)
-        tmp.replace(self.last)
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp)  # every rank calls it (sharded strategies gather); rank 0 writes
+        if trainer.is_global_zero:
+            tmp.replace(self.last)
+        trainer.strategy.barrier("grpo-checkpoint")

@@ -37,7 +37,8 @@ class GRPOConfig:
 
     steps: int = 20  # GRPO steps = rollout batches (each makes num_iterations optimizer steps)
     num_generations: int = 4  # k, completions per prompt (the group)
-    prompts_per_step: int = 4  # documents per rollout batch; batch = prompts_per_step * k sequences
+    # documents per rollout batch, over all ranks (each of N takes prompts_per_step / N); k per group
+    prompts_per_step: int = 4
     num_iterations: int = 1  # mu, optimisation passes over each rollout batch (TRL num_iterations)
     mini_batch_size: int | None = None  # sequences per forward/backward (gradient accumulation); None = all
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo (TRL names; dapo is TRL 1.16's default)
@@ -71,6 +72,10 @@ class GRPOConfig:
     val_max_docs: int | None = 32  # cap on the held-out validation documents
     checkpoint_every: int = 10  # write checkpoints/last.ckpt every N steps (and at the end); 0 = never
     seed: int = 0  # rollout sampling, negatives, dropout and document order all derive from it
+    # Sampling seeds per prompt (the step's seed and the prompt's tokens) rather than per generate call: a
+    # prompt's samples then do not depend on which rank, or which batch, generates it, so N ranks equal
+    # one process exactly (HF generate then runs one prompt per call). Off: one stream per call.
+    seed_per_prompt: bool = False
 
     def __post_init__(self) -> None:
         def fail(rule: str) -> None:

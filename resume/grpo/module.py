@@ -16,6 +16,17 @@ One training step is one GRPO rollout batch (METHOD.md, "GRPO"):
    clips the gradient norm and steps the optimizer and the lr schedule once;
 6. the new weights are synced into the generation engine (`summarizer.sync_weights()`).
 
+On N ranks (Lightning's `ddp` strategy, e.g. under torchrun: `trainer=ddp`) `prompts_per_step` is
+the global batch: rank r generates the rollouts of its contiguous 1/N of the step's documents
+(whole groups: a group never spans ranks), the completions are all-gathered so that every rank
+computes the rewards and advantages of the whole batch (exactly the single-process numbers), and
+each rank backpropagates its own rows with the loss normalised by the GLOBAL batch (tokens for
+`dapo`, sequences otherwise) and multiplied by N, since DDP averages the all-reduced gradients.
+Only a step's last backward all-reduces (`no_sync` before it). N ranks x P/N prompts then take the
+step one process takes on P prompts (with `seed_per_prompt`, the same rollouts too). Under sharding
+strategies (FSDP, DeepSpeed ZeRO-3) rollouts and the weight sync run inside
+`distributed.full_parameters`, which gathers the whole policy.
+
 The maths are `resume.grpo.loss` (checked against TRL); this module only schedules them.
 Everything random inside a step (sampling, negatives, dropout) is seeded by the step number,
 so a run resumed from a checkpoint replays exactly what an uninterrupted run would have done.
@@ -28,6 +39,7 @@ object with a `total` tensor `[B]` and `log_dict(prefix) -> dict[str, float]` (a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -56,6 +68,7 @@ from resume.grpo.loss import (
 )
 from resume.grpo.rollouts import PackedBatch, doc_pair, pack_completions
 from resume.summarizer.generate import Completion, GenerationParams
+from resume.utils import distributed
 from resume.utils.devices import dtype_name, seeded
 from resume.utils.optim import decay_groups
 
@@ -66,6 +79,8 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]  # params -> optimizer
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 # The reward's negatives for validation: one fixed draw, apart from every step's.
 VAL_SEED_OFFSET = 1_000_000_007
+# Without seed_per_prompt, rank r samples with seed + step + r * RANK_SEED_STRIDE: its own stream.
+RANK_SEED_STRIDE = 7_919
 
 
 class GRPOModule(pl.LightningModule):
@@ -119,6 +134,7 @@ class GRPOModule(pl.LightningModule):
             do_sample=True,
             num_return_sequences=config.num_generations,
             seed=config.seed,
+            seed_per_prompt=config.seed_per_prompt,
             **overrides,
         )
         self.greedy = GenerationParams(do_sample=False, max_new_tokens=self.rollout.max_new_tokens)
@@ -159,11 +175,18 @@ class GRPOModule(pl.LightningModule):
         """GRPO steps already taken (each took `num_iterations` optimizer steps)."""
         return self.trainer.global_step // self.config.num_iterations
 
+    @property
+    def world(self) -> tuple[int, int]:
+        """(this rank, the number of ranks) of the trainer; (0, 1) outside one."""
+        trainer = self._trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def setup(self, stage: str) -> None:
-        if self.trainer.world_size > 1:
+        world = self.world[1]
+        if self.config.prompts_per_step % world:
             raise ValueError(
-                f"GRPOModule runs on one device (world size {self.trainer.world_size}): every rank would "
-                "sample the same rollouts; set trainer_kwargs.devices=1"
+                f"grpo.config.prompts_per_step={self.config.prompts_per_step} is the global batch, so a "
+                f"multiple of the world size {world} (each rank takes an equal share of whole groups)"
             )
 
     def on_train_start(self) -> None:
@@ -255,13 +278,22 @@ class GRPOModule(pl.LightningModule):
         if callable(reseed):
             reseed(seed)
 
+    def _generate(self, doc_ids: list[str], params: GenerationParams) -> list[Completion]:
+        """Completions of `doc_ids` (group-major), each rank generating a contiguous share, gathered in
+        order on every rank (shares may be uneven: validation batches need not divide by N)."""
+        rank, world = self.world
+        share = [list(part) for part in np.array_split(np.asarray(doc_ids, dtype=object), world)][rank]
+        with distributed.full_parameters(self._trainer):
+            mine = self.summarizer.summarize([doc_pair(self.docs[d]) for d in share], params) if share else []
+        return [c for part in distributed.all_gather(mine) for c in part] if world > 1 else mine
+
     def _grpo_step(self, doc_ids: list[str], step: int) -> dict[str, float]:
         cfg = self.config
         k = cfg.num_generations
+        rank = self.world[0]
+        seed = cfg.seed + step + (0 if cfg.seed_per_prompt else RANK_SEED_STRIDE * rank)
         t0 = time.perf_counter()
-        completions = self.summarizer.summarize(
-            [doc_pair(self.docs[d]) for d in doc_ids], replace(self.rollout, seed=cfg.seed + step)
-        )
+        completions = self._generate(doc_ids, replace(self.rollout, seed=seed))
         t1 = time.perf_counter()
         group_ids = [d for d in doc_ids for _ in range(k)]
         self._reseed_reward(cfg.seed + step)
@@ -273,7 +305,10 @@ class GRPOModule(pl.LightningModule):
         t2 = time.perf_counter()
         stats = self._update(completions, advantages)
         t3 = time.perf_counter()
-        sync = self.summarizer.sync_weights()  # the engine generates the next rollouts from the new weights
+        with distributed.full_parameters(self._trainer):
+            sync = (
+                self.summarizer.sync_weights()
+            )  # the engine generates the next rollouts from the new weights
 
         lengths = torch.tensor([c.num_tokens for c in completions], dtype=torch.float32)
         stats.update(
@@ -292,7 +327,7 @@ class GRPOModule(pl.LightningModule):
                 "time/sync": sync,
             }
         )
-        if cfg.log_completions_every and step % cfg.log_completions_every == 0:
+        if cfg.log_completions_every and step % cfg.log_completions_every == 0 and rank == 0:
             self._log_samples(step, group_ids, completions, rewards, advantages)
         return stats
 
@@ -342,13 +377,19 @@ class GRPOModule(pl.LightningModule):
         return "token_truncate" if has_logps and engine_dtype != policy_dtype else None
 
     def _update(self, completions: Sequence[Completion], advantages: Tensor) -> dict[str, float]:
-        """`num_iterations` optimizer steps on one rollout batch; returns the loss statistics."""
+        """`num_iterations` optimizer steps on one rollout batch (this rank's rows of it); returns the
+        loss statistics of the whole batch."""
         cfg = self.config
-        size = len(completions)
-        per_pass = cfg.mini_batch_size or size
+        rank, world = self.world
+        size = len(completions)  # the global batch: normalisations count every rank's rows
+        own = size // world
+        first, last = rank * own, (rank + 1) * own
+        per_pass = cfg.mini_batch_size or own
         chunks = [
-            pack_completions(completions[i : i + per_pass], self.pad_id, slice(i, min(i + per_pass, size)))
-            for i in range(0, size, per_pass)
+            pack_completions(
+                completions[i : min(i + per_pass, last)], self.pad_id, slice(i, min(i + per_pass, last))
+            )
+            for i in range(first, last, per_pass)
         ]
         num_tokens = float(sum(c.num_tokens for c in completions))
         advantages = advantages.to(self.device)
@@ -379,7 +420,9 @@ class GRPOModule(pl.LightningModule):
         for _ in range(cfg.num_iterations):
             optimizer.zero_grad()
             pass_loss = 0.0
-            for chunk, old_logps, ref_logps, (is_w, is_stats) in zip(chunks, old, ref, weights):
+            for i, (chunk, old_logps, ref_logps, (is_w, is_stats)) in enumerate(
+                zip(chunks, old, ref, weights)
+            ):
                 logps, entropies = self._logps(self.policy, chunk)
                 loss, stats = grpo_loss(
                     logps,
@@ -401,7 +444,10 @@ class GRPOModule(pl.LightningModule):
                 )
                 stats = {**stats, **is_stats}
                 weight = microbatch_weight(cfg.loss_type, chunk.rows.stop - chunk.rows.start, size)
-                self.manual_backward(loss * weight)
+                # DDP averages the ranks' gradients: x world makes it their sum, the whole batch's gradient.
+                # Only the pass's last backward all-reduces; the others accumulate locally.
+                with self._no_sync(i < len(chunks) - 1):
+                    self.manual_backward(loss * (weight * world))
                 pass_loss += float(loss.detach()) * weight
                 parts.append((stats, float(chunk.completion_mask.sum())))
             norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
@@ -411,16 +457,31 @@ class GRPOModule(pl.LightningModule):
                 scheduler.step()
             losses.append(pass_loss)
             norms.append(float(norm))
+        if world > 1:  # every rank logs the whole batch's statistics
+            gathered = distributed.all_gather((parts, losses))
+            parts = [p for ranks_parts, _ in gathered for p in ranks_parts]
+            losses = [float(sum(pass_losses)) for pass_losses in zip(*(ls for _, ls in gathered))]
         stats = merge_stats(parts)
         stats["train/loss"] = float(np.mean(losses))
         stats["train/grad_norm"] = float(np.mean(norms))
         stats["train/lr"] = float(lrs[0])
         return stats
 
+    def _no_sync(self, skip: bool) -> Any:
+        """DDP's `no_sync` (gradients accumulate locally, no all-reduce) when `skip`; else nothing."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = self._trainer.model if self._trainer is not None else None
+        # DeepSpeed's engine refuses no_sync under ZeRO-2/3 and reduces partitioned gradients itself.
+        if skip and isinstance(wrapped, (DistributedDataParallel, FullyShardedDataParallel)):
+            return wrapped.no_sync()
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Sequence[str], batch_idx: int = 0) -> dict[str, float]:
         """Greedy summaries of `batch` (doc ids) scored by the reward: `val/*` statistics."""
-        completions = self.summarizer.summarize([doc_pair(self.docs[d]) for d in batch], self.greedy)
+        completions = self._generate(list(batch), self.greedy)
         rewards = self.reward.compute([c.text for c in completions], list(batch))
         stats = {k: float(v) for k, v in rewards.log_dict("val").items()}
         stats["val/tokens"] = float(sum(c.num_tokens for c in completions))
@@ -460,7 +521,7 @@ class GRPOModule(pl.LightningModule):
         write_samples(rows, step, self.out_dir, self.loggers)
 
     def _write_history(self) -> None:
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.world[0] == 0:
             write_history(self.history, self.out_dir / "grpo_history.jsonl")
 
     def finalize(self) -> None:

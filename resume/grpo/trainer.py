@@ -23,6 +23,7 @@ from resume.grpo.config import GRPOConfig
 from resume.grpo.history import history_stats, plot_history, write_history
 from resume.grpo.module import GRPOModule, OptimizerFactory, SchedulerFactory
 from resume.grpo.rollouts import RolloutBatches, split_validation
+from resume.utils import distributed
 from resume.utils.io import atomic_write_json
 from resume.utils.lightning import check_trainer_kwargs, make_trainer
 
@@ -170,9 +171,15 @@ def run_grpo(
         summarizer.train(modes[0])
         summarizer.model.train(modes[1])
     seconds = time.perf_counter() - t0
-    export = summarizer.save_pretrained(out_dir / "summarizer")
-    history_path = write_history(module.history, out_dir / "grpo_history.jsonl")
-    curves = plot_history(module.history, out_dir / "grpo_curves.png")
+    export, history_path, curves = (
+        out_dir / "summarizer",
+        out_dir / "grpo_history.jsonl",
+        out_dir / "grpo_curves.png",
+    )
+    if trainer.is_global_zero:  # every rank holds the same policy; one writes it
+        summarizer.save_pretrained(export)
+        write_history(module.history, history_path)
+        plot_history(module.history, curves)
     stats = {
         "steps": module.completed_steps,
         **history_stats(module.history),
@@ -184,6 +191,8 @@ def run_grpo(
         "history": str(history_path),
         "curves": str(curves),
     }
-    atomic_write_json(out_dir / "grpo_stats.json", stats)
+    if trainer.is_global_zero:
+        atomic_write_json(out_dir / "grpo_stats.json", stats)
+    distributed.barrier()  # the exported summarizer is on disk before any rank reads it
     log.info("GRPO finished: %s", {k: v for k, v in stats.items() if not isinstance(v, str)})
     return stats

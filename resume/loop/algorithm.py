@@ -11,6 +11,11 @@ module never branches on an experiment's or a row's name. Every finished phase l
 record in `<run>/phases/`, so a killed run restarted with the same command resumes at the
 phase where it stopped; summaries and corpus embeddings are cached by content, so nothing
 finished is computed twice.
+
+On N ranks (torchrun) every rank runs this same loop: GRPO and adaptation train data-parallel,
+the corpus summaries are generated in per-rank shards, rank 0 alone evaluates (the others receive
+its rows) and writes the run folder, and rank 0's phase records and stop decision are broadcast,
+so every rank resumes, and leaves the loop, together.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import pytorch_lightning as pl
 from resume.data import RetrievalData
 from resume.loop.config import LoopConfig
 from resume.loop.records import PhaseRecords
+from resume.utils import distributed
 from resume.utils.memory import PeakRSS, release_memory
 
 log = logging.getLogger(__name__)
@@ -140,13 +146,15 @@ class Loop:
     ) -> list[dict[str, Any]]:
         rows = []
         with self._measured(f"evaluate/{row}"):
-            for split in splits if splits is not None else self.eval_splits:
-                res = self.evaluator(
-                    self.retriever, self.data, split, texts, f"{row}-{view}", self.out_dir, self.cache_dir
-                )
-                res.update(row=row, view=view)
-                self.log_metrics({f"eval/{split}/{k}": v for k, v in res["metrics"].items()}, None)
-                rows.append(res)
+            if distributed.is_main():  # once, on rank 0; the other ranks receive its rows
+                for split in splits if splits is not None else self.eval_splits:
+                    res = self.evaluator(
+                        self.retriever, self.data, split, texts, f"{row}-{view}", self.out_dir, self.cache_dir
+                    )
+                    res.update(row=row, view=view)
+                    self.log_metrics({f"eval/{split}/{k}": v for k, v in res["metrics"].items()}, None)
+                    rows.append(res)
+            rows = distributed.broadcast(rows)
         return rows
 
     @contextlib.contextmanager
@@ -175,7 +183,7 @@ class Loop:
         self, name: str, fn: Callable[[], dict[str, Any]], restore: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any]:
         """Run a phase once: if its record exists, restore its outputs instead of recomputing."""
-        done = self.records.get(name)
+        done = distributed.broadcast(self.records.get(name))  # rank 0's record decides for every rank
         if done is not None:
             log.info(
                 "phase %s already finished (record %s): restoring its outputs", name, self.records.folder
@@ -190,7 +198,15 @@ class Loop:
             record = fn()
         record["seconds"] = round(time.perf_counter() - t0, 2)
         record["memory_mb"] = self.phase_memory[name]
-        self.records.put(name, record)
+        if distributed.world_size() > 1:  # what each rank did: its time and memory
+            mine = {
+                "rank": distributed.rank(),
+                "seconds": record["seconds"],
+                "memory_mb": record["memory_mb"],
+            }
+            record["ranks"] = distributed.all_gather(mine)
+        if distributed.is_main():
+            self.records.put(name, record)
         return record
 
     # ------------------------------------------------------------------ the run
@@ -238,12 +254,13 @@ class Loop:
                 {"loop/iteration": t, **{f"loop/{select}/{k}": v for k, v in selected.items()}}, t
             )
             watched = self._watched(it)
-            if (
+            stop = (
                 watched is not None
                 and previous is not None
                 and t >= cfg.min_iterations
                 and watched - previous < cfg.epsilon
-            ):
+            )
+            if distributed.broadcast(stop):  # every rank leaves the loop together
                 log.info(
                     "stopping after iteration %d: %s improved by %.4f < epsilon %.4f",
                     t,
@@ -262,6 +279,7 @@ class Loop:
             "summaries": self.summary_stats,
             "seconds": self.phase_seconds,
             "memory_mb": self.phase_memory,
+            "world_size": distributed.world_size(),
         }
         unreached = [p.row for p in cfg.eval_points if p.iteration > len(iterations)]
         if unreached:  # said in the results, never silently dropped

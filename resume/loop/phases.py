@@ -17,8 +17,9 @@ import numpy as np
 from resume.data import RetrievalData
 from resume.retriever.adapt import training_pairs
 from resume.rewards.diagnostics import query_overlap, repetition_score
-from resume.summaries.corpus import summarize_corpus
+from resume.summaries.corpus import summarize_corpus, summarize_shard
 from resume.summaries.stats import summary_stats
+from resume.utils import distributed
 from resume.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,11 @@ def make_summarize(
 ) -> Callable[[Any, str], tuple[dict[str, str], dict[str, Any]]]:
     """Summarize the whole corpus (cached by weights + settings); copy the summaries into the run folder,
     with the reward-hacking watch: repetition, overlap with the training queries' words, and the same
-    five documents' summaries at every iteration (`summaries/samples.md`)."""
+    five documents' summaries at every iteration (`summaries/samples.md`).
+
+    On N ranks each generates its share into its own shard of the cache (`summarize_shard`), then,
+    after a barrier, every rank reads the whole corpus's summaries from the cache; rank 0 writes the
+    run-folder files."""
     watch: dict[str, Any] = {}  # built at the first corpus pass: a run that never summarizes pays nothing
     samples: dict[str, dict[str, str]] = {}  # label -> doc -> indexed text
 
@@ -55,7 +60,18 @@ def make_summarize(
         return watch
 
     def summarize(summarizer: Any, label: str) -> tuple[dict[str, str], dict[str, Any]]:
+        rank, world = distributed.rank(), distributed.world_size()
+        shards = None
+        if world > 1:
+            mine = summarize_shard(summarizer, data.corpus, cache_dir, rank, world, batch_size, progress)
+            distributed.barrier()  # every share is in the cache
+            shards = distributed.all_gather(mine)
         result = summarize_corpus(summarizer, data.corpus, cache_dir, batch_size, progress, fallback)
+        if shards is not None and result.n_generated:
+            raise RuntimeError(
+                f"rank {rank} generated {result.n_generated} summaries after every shard was done: the "
+                f"ranks do not share the cache folder {cache_dir} (paths.cache_dir must be on a shared disk)"
+            )
         positives, sample_ids = watched()["positives"], watch["sample_ids"]
         stats = summary_stats(result, count_tokens)
         summaries = [r["summary"] for r in result.records.values() if r["summary"] is not None]
@@ -69,9 +85,13 @@ def make_summarize(
             else None
         )
         stats["train_query_overlap_documents"] = watch["document_overlap"]  # what the documents hold
+        if shards is not None:
+            stats["shards"] = shards  # what each rank generated
         samples[label] = {d: result.texts[d] for d in sample_ids}
-        atomic_write_text(Path(out_dir) / "summaries" / "samples.md", samples_markdown(data, samples))
         stats["cache_file"] = str(result.cache_path)
+        if not distributed.is_main():
+            return result.texts, stats
+        atomic_write_text(Path(out_dir) / "summaries" / "samples.md", samples_markdown(data, samples))
         lines = (
             json.dumps(
                 {
@@ -129,7 +149,9 @@ def make_adapt(
     def run(retriever: Any, texts: Mapping[str, str], iteration: int, folder: Path) -> dict[str, Any]:
         pairs = training_pairs(split, texts)
         stats = adapt(retriever, pairs, doc_texts=texts, loggers=loggers)
-        retriever.save_pretrained(folder)
+        if distributed.is_main():  # every rank holds the same weights after DDP
+            retriever.save_pretrained(folder)
+        distributed.barrier()
         return {**stats, "pairs": len(pairs)}
 
     return run

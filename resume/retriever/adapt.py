@@ -147,6 +147,7 @@ def adapt_retriever(
     pairs: Sequence[Pair],
     *,
     batch_size: int = 32,
+    batch_size_per: str = "device",
     epochs: int = 1,
     max_steps: int = -1,
     lr: float = 1e-5,
@@ -168,6 +169,9 @@ def adapt_retriever(
             device and mode.
         pairs: from `training_pairs` (training queries x texts of their relevant documents).
         batch_size: pairs per batch and per device (in-batch negatives: `batch_size - 1` per query).
+        batch_size_per: `device` (as above) or `world`: `batch_size` is the global batch, which each
+            of the trainer's `devices x num_nodes` ranks takes an equal share of (`trainer=ddp`: the same
+            config on N ranks takes the steps of one process).
         epochs, max_steps: training stops at whichever comes first (`max_steps=-1`: epochs only).
         lr, weight_decay: AdamW's (the paper: lr 1e-5); biases and LayerNorm get no decay.
         warmup_ratio: fraction of the steps with a linear lr warmup (0: none; constant lr afterwards).
@@ -212,6 +216,8 @@ def adapt_retriever(
             "the retriever has no trainable parameter (frozen as a reward model?); "
             "call retriever.requires_grad_(True) before adapting it"
         )
+    if batch_size_per not in ("device", "world"):
+        raise ValueError(f"adaptation.batch_size_per={batch_size_per!r} must be 'device' or 'world'")
     trainer = make_trainer(
         trainer_kwargs,
         defaults={
@@ -234,6 +240,13 @@ def adapt_retriever(
         owner="adapt_retriever",
         fix="use adaptation.epochs / adaptation.max_steps and the loggers argument instead",
     )
+    if batch_size_per == "world":
+        if batch_size % trainer.world_size:
+            raise ValueError(
+                f"adaptation.batch_size={batch_size} (batch_size_per: world) must be a multiple of the "
+                f"world size {trainer.world_size}"
+            )
+        batch_size //= trainer.world_size
     collate = PairCollator(retriever.tokenize, hard_negatives, doc_texts if hard_negatives else {}, seed)
     data = PairData(pairs, collate, batch_size, seed, drop_last)
     opt = optimizer or functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)

@@ -52,6 +52,12 @@ class ContrastiveModule(pl.LightningModule):
         loss, stats = info_nce(
             q, d, self.retriever.temperature, positive_offset=offset, prefix="retriever/train/"
         )
+        if self.trainer.world_size > 1:
+            # DDP averages the ranks' gradients; with uneven shares of a global batch (its last one) the
+            # mean over ranks of per-rank means is not the mean over the batch's queries. Weighting this
+            # rank's mean by its share x world makes the averaged gradient the global batch's.
+            counts = self.all_gather(torch.tensor(q.size(0), device=q.device))
+            loss = loss * (q.size(0) * self.trainer.world_size / float(counts.sum()))
         stats["retriever/train/lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
         stats["retriever/train/negatives"] = float(d.size(0) - 1)  # per query: in-batch + extra
         self.log_dict(stats, batch_size=q.size(0), on_step=True, on_epoch=False)

@@ -17,11 +17,15 @@ A backend that keeps its own copy of the weights re-reads them when they changed
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from resume.utils.devices import dtype_name, generation_dtype, seeded
@@ -34,7 +38,10 @@ class GenerationParams:
     `top_k=0` and `top_p=1.0` switch those filters off (transformers' own default would
     silently apply top_k=50). `seed` makes sampling reproducible for the same prompts and
     batch size; a trainer should vary it per step (e.g. `replace(params, seed=base + step)`),
-    or pass None to draw from the global RNG.
+    or pass None to draw from the global RNG. `seed_per_prompt` gives each prompt's samples a seed of
+    their own (`prompt_seed`: the seed and the prompt's tokens), so they do not depend on the other
+    prompts of the call: what a run whose ranks each generate a share of the prompts needs to sample
+    exactly what one process generating them all does (HF then generates one prompt per call).
     """
 
     do_sample: bool = False
@@ -44,6 +51,7 @@ class GenerationParams:
     max_new_tokens: int = 128
     num_return_sequences: int = 1
     seed: int | None = 0
+    seed_per_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -76,7 +84,7 @@ class GenerationParams:
             return f"greedy-max{self.max_new_tokens}"
         return (
             f"sample-t{self.temperature:g}-p{self.top_p:g}-k{self.top_k}-max{self.max_new_tokens}"
-            f"-n{self.num_return_sequences}-s{self.seed}"
+            f"-n{self.num_return_sequences}-s{self.seed}{'pp' if self.seed_per_prompt else ''}"
         )
 
     def hf_kwargs(self) -> dict[str, Any]:
@@ -93,6 +101,12 @@ class GenerationParams:
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def prompt_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """A sampling seed for one prompt: `seed` and the prompt's tokens, nothing else (`seed_per_prompt`)."""
+    crc = zlib.crc32(np.asarray(prompt_ids, dtype=np.int64).tobytes())
+    return (seed * 1_000_003 + crc) % 2**63
 
 
 @dataclass
@@ -352,7 +366,8 @@ class HFBackend:
         if any(len(e) == 0 for e in encoded):
             raise ValueError("an empty prompt cannot be generated from; render prompts with a chat template")
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-        per_batch = max(1, self.batch_size // k)
+        per_prompt = params.do_sample and params.seed is not None and params.seed_per_prompt
+        per_batch = 1 if per_prompt else max(1, self.batch_size // k)
         eos = self.eos_ids()
         pad = self.pad_id(eos)
         device = next(self.model.parameters()).device
@@ -364,32 +379,18 @@ class HFBackend:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), seeded(params.seed if params.do_sample else None, device):
+            with (
+                torch.no_grad(),
+                seeded(params.seed if params.do_sample and not per_prompt else None, device),
+            ):
                 prefix_kv = self._prefix_kv(model, encoded[0][:p], device) if p else None
                 for start in range(0, len(order), per_batch):
                     idx = order[start : start + per_batch]
-                    kwargs = {
-                        **self.generate_kwargs,
-                        **params.hf_kwargs(),
-                        "pad_token_id": pad,
-                        "eos_token_id": eos,
-                        "use_cache": True,
-                    }
-                    if prefix_kv is None:
-                        batch = self._left_pad([encoded[i] for i in idx], pad, device)
-                    else:
-                        # Rows repeated here (num_return_sequences would not expand the cache), in
-                        # the same interleaved order, so sampling draws the same tokens.
-                        batch = self._prefix_layout(
-                            encoded[0][:p], [encoded[i][p:] for i in idx], pad, device
-                        )
-                        batch = {n: t.repeat_interleave(k, dim=0) for n, t in batch.items()}
-                        cache = copy.deepcopy(prefix_kv)
-                        cache.batch_repeat_interleave(len(idx) * k)
-                        kwargs.update(num_return_sequences=1, past_key_values=cache)
-                    out = model.generate(**batch, **kwargs)
-                    new = out[:, batch["input_ids"].shape[1] :].tolist()  # rows grouped per prompt, k each
-                    for j, i in enumerate(idx):
+                    # seed_per_prompt: this prompt's own RNG stream (one prompt per call)
+                    own = seeded(prompt_seed(params.seed, encoded[idx[0]]), device) if per_prompt else None
+                    with own or contextlib.nullcontext():
+                        new = self._generate_rows(model, encoded, idx, p, prefix_kv, params, pad, eos, device)
+                    for j, i in enumerate(idx):  # rows grouped per prompt, k each
                         results[i] = [
                             self._completion(new[j * k + r], encoded[i], set(eos)) for r in range(k)
                         ]
@@ -398,3 +399,37 @@ class HFBackend:
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"prompts {missing[:5]} got no completions"
         return results  # type: ignore[return-value]
+
+    def _generate_rows(
+        self,
+        model: Any,
+        encoded: list[list[int]],
+        idx: list[int],
+        p: int,
+        prefix_kv: Any,
+        params: GenerationParams,
+        pad: int,
+        eos: list[int],
+        device: torch.device,
+    ) -> list[list[int]]:
+        """The new tokens of prompts `idx` (k rows each, grouped per prompt), in one `generate` call."""
+        k = params.num_return_sequences
+        kwargs = {
+            **self.generate_kwargs,
+            **params.hf_kwargs(),
+            "pad_token_id": pad,
+            "eos_token_id": eos,
+            "use_cache": True,
+        }
+        if prefix_kv is None:
+            batch = self._left_pad([encoded[i] for i in idx], pad, device)
+        else:
+            # Rows repeated here (num_return_sequences would not expand the cache), in the same
+            # interleaved order, so sampling draws the same tokens.
+            batch = self._prefix_layout(encoded[0][:p], [encoded[i][p:] for i in idx], pad, device)
+            batch = {n: t.repeat_interleave(k, dim=0) for n, t in batch.items()}
+            cache = copy.deepcopy(prefix_kv)
+            cache.batch_repeat_interleave(len(idx) * k)
+            kwargs.update(num_return_sequences=1, past_key_values=cache)
+        out = model.generate(**batch, **kwargs)
+        return out[:, batch["input_ids"].shape[1] :].tolist()

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from resume.summarizer.generate import Completion, GenerationParams, HFBackend, weights_version
+from resume.summarizer.generate import Completion, GenerationParams, HFBackend, prompt_seed, weights_version
 from resume.utils.config import default_cache_dir
 from resume.utils.devices import dtype_name, generation_dtype
 
@@ -353,9 +353,15 @@ class VLLMBackend:
         llm = self.engine()
         self.sync_weights()
         eos = self._hf.eos_ids()
-        # One seed per request, so a document's samples do not depend on the other prompts of the call.
+        # One seed per request, so a document's samples do not depend on the other prompts of the call;
+        # seed_per_prompt: nor on its place in the call (a rank's share samples as in the whole batch).
         base = params.seed
-        seeds = [None if base is None else (base * 1_000_003 + i) % 2**63 for i in range(len(prompts))]
+        if base is None:
+            seeds: list[int | None] = [None] * len(prompts)
+        elif params.seed_per_prompt:
+            seeds = [prompt_seed(base, e) for e in encoded]
+        else:
+            seeds = [(base * 1_000_003 + i) % 2**63 for i in range(len(prompts))]
         sampling = [self.sampling_params(params, eos, s) for s in seeds]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=e) for e in encoded], sampling, use_tqdm=False)
         results = []

@@ -25,9 +25,40 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RESUME_CACHE") or REPO_ROOT / ".cache")
 
 
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def torchrun_value(what: str) -> int:
+    """What torchrun's environment says: `world_size`, `local_world_size` (processes on this node),
+    `num_nodes`, `rank`; a single process (no torchrun) is a world of one."""
+    world = _env_int("WORLD_SIZE", 1)
+    local = _env_int("LOCAL_WORLD_SIZE", world)
+    values = {
+        "world_size": world,
+        "local_world_size": local,
+        "num_nodes": max(1, world // max(1, local)),
+        "rank": _env_int("RANK", 0),
+    }
+    if what not in values:
+        raise ValueError(f"${{torchrun:{what}}}: must be one of {sorted(values)}")
+    return values[what]
+
+
 def register_resolvers() -> None:
-    """`${repo_root:}` -> the repository holding conf/; `${resume_cache:}` -> `default_cache_dir()`.
-    Idempotent."""
+    """`${repo_root:}` -> the repository holding conf/; `${resume_cache:}` -> `default_cache_dir()`;
+    `${torchrun:local_world_size}` and the like (`torchrun_value`); `${rank_zero_only:x}` -> x on rank 0,
+    None elsewhere; `${rank_suffix:}` -> "" on rank 0, ".rank<r>" elsewhere. Idempotent."""
+    if not OmegaConf.has_resolver("torchrun"):
+        OmegaConf.register_new_resolver("torchrun", torchrun_value)
+    if not OmegaConf.has_resolver("rank_zero_only"):
+        OmegaConf.register_new_resolver(
+            "rank_zero_only", lambda x: x if torchrun_value("rank") == 0 else None
+        )
+    if not OmegaConf.has_resolver("rank_suffix"):
+        OmegaConf.register_new_resolver(
+            "rank_suffix", lambda: "" if torchrun_value("rank") == 0 else f".rank{torchrun_value('rank')}"
+        )
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
     if not OmegaConf.has_resolver("resume_cache"):

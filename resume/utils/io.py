@@ -10,9 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from resume.utils.distributed import check_writer
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
+    check_writer(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -32,6 +35,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
     path = Path(path)
+    check_writer(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -52,6 +56,7 @@ def atomic_save_pretrained(folder: str | Path, model: Any, tokenizer: Any, meta_
     import shutil
 
     folder = Path(folder)
+    check_writer(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
