@@ -100,6 +100,7 @@ def collect(
                     "summarizer": (res.get("summarizer") or {}).get("name"),
                 },
                 "iterations": res.get("iterations", []),
+                "data": res.get("data"),
                 "run": str(path.parent),
             }
     return {k: [v[s] | {"seed": s} for s in sorted(v)] for k, v in groups.items()}
@@ -224,18 +225,50 @@ def table(
     )
     models = sorted(
         {
-            json.dumps(e["models"], sort_keys=True)
+            json.dumps({k: short_model(v) for k, v in e["models"].items()}, sort_keys=True)
             for (d, s, _, _), es in groups.items()
             if d == data
             for e in es
+        }
+    )
+    datasets = sorted(
+        {
+            f"{e['data']['name']}, {e['data']['corpus_size']} docs, queries per split "
+            + json.dumps(e["data"].get("splits", {}), sort_keys=True)
+            for (d, s, _, _), es in groups.items()
+            if d == data and s == split
+            for e in es
+            if "corpus_size" in (e.get("data") or {})
         }
     )
     note = (
         "Δ: mean per-query difference, its paired bootstrap 95% CI and the paired randomisation p "
         "(* p < 0.05) over the queries and the seeds both rows share; cells average all of a row's seeds"
     )
-    md += ["", note, f"budget: {'; '.join(budgets)}", f"models: {'; '.join(models)}", ""]
+    md += ["", note, f"budget: {'; '.join(budgets)}"]
+    md += [f"data: {'; '.join(datasets)}"] if datasets else []
+    md += [f"models: {'; '.join(models)}", ""]
     return "\n".join(md), out
+
+
+def short_model(name: str | None) -> str | None:
+    """A model as the table shows it: a hub name as is, a local folder by its last three parts (for a
+    trained model: the run, its iteration and the model, e.g. scifact-iterative-none-s1/iter2/retriever)."""
+    if name is None or not Path(name).is_absolute():
+        return name
+    return "/".join(Path(name).parts[-3:])
+
+
+def transfer_source(run: str | Path) -> tuple[str, int] | None:
+    """(source run folder name, iteration) of a run that evaluates another run's trained models
+    (experiment=transfer), from its resolved config; None for a run that trained its own."""
+    from omegaconf import OmegaConf
+
+    cfg_path = Path(run) / "config_resolved.yaml"
+    node = OmegaConf.load(cfg_path).get("transfer") if cfg_path.exists() else None
+    if not node or not node.get("run"):
+        return None
+    return Path(str(node.run)).name, int(node.iteration)
 
 
 def eval_split_of(groups, data: str) -> str:
@@ -322,7 +355,9 @@ def run_data(run: str | Path) -> Any:
     cfg_path = Path(run) / "config_resolved.yaml"
     if not cfg_path.exists():
         return None
-    node = OmegaConf.load(cfg_path).data
+    node = OmegaConf.load(cfg_path).get("data")
+    if node is None:
+        return None
     key = json.dumps(OmegaConf.to_container(node), sort_keys=True)
     if key not in _DATA:
         from hydra.utils import instantiate
@@ -395,6 +430,7 @@ def reward_watch(groups, data: str) -> str:
             run = e["run"]
             summaries = json.loads((Path(run) / "results.json").read_text()).get("summaries", {})
             its = {it["iteration"]: it for it in e["iterations"]}
+            source = transfer_source(run)
             for t in range(max(its, default=0) + 1):
                 it = its.get(t, {})
                 hist = grpo_history(run, t) if t else []
@@ -402,7 +438,7 @@ def reward_watch(groups, data: str) -> str:
                 overlap = train_query_overlap(run, f"iter{t}")
                 cells = [
                     f"{ablation} s{e['seed']}",
-                    str(t),
+                    f"{t} (the models of {source[0]}, t = {source[1]})" if source else str(t),
                     _first_last(hist, "train/reward_mean"),
                     _first_last(hist, "train/structure_mean"),
                     _first_last(hist, "train/retrieval_mean"),
@@ -421,7 +457,8 @@ def reward_watch(groups, data: str) -> str:
     lines += [
         "",
         (
-            "t = 0 is the untrained summarizer. Reward terms are the GRPO rollouts' means at the round's "
+            "t = 0 is the untrained summarizer (a transferred run's t = 0: the source run's trained one, "
+            "as named). Reward terms are the GRPO rollouts' means at the round's "
             "first and last step; Δ = retrieval score of the summary minus the document's (METHOD.md); "
             "buckets follow reward.bucket_edges. Repetition: share of repeated word 3-grams. Train-query "
             "overlap: share of the content words of a document's training queries found in its summary "
@@ -433,14 +470,25 @@ def reward_watch(groups, data: str) -> str:
 
 
 def summary_samples(groups, data: str, n: int = 5, seed: int = 0) -> str:
-    """`n` seeded documents: the untrained summary and the final one of the full model's first seed."""
+    """`n` seeded documents: the untrained summary and the final one of the full model's first seed.
+    For a transferred full model (its only summaries are the trained summarizer's), the untrained
+    summaries come from the dataset's fixed_summary run, when there is one."""
     split = eval_split_of(groups, data)
     entries = groups.get((data, split, "iterative", "none"))
     if not entries:
         return ""
     e = entries[0]
     last = max((it["iteration"] for it in e["iterations"]), default=0)
-    before, after = read_summaries(e["run"], "iter0"), read_summaries(e["run"], f"iter{last}")
+    source = transfer_source(e["run"])
+    if source:
+        fixed = groups.get((data, split, "fixed_summary", "none"))
+        before = read_summaries(fixed[0]["run"], "iter0") if fixed else None
+        after = read_summaries(e["run"], "iter0")
+        whose = f"the models of {source[0]} (t = {source[1]})"
+        heading = f"untrained summarizer and after GRPO ({whose})"
+    else:
+        before, after = read_summaries(e["run"], "iter0"), read_summaries(e["run"], f"iter{last}")
+        heading = f"full model seed {e['seed']}: before GRPO (t = 0) and after (t = {last})"
     if not before or not after:
         return ""
     ids = sorted(set(before) & set(after))
@@ -450,13 +498,7 @@ def summary_samples(groups, data: str, n: int = 5, seed: int = 0) -> str:
         text = rec["summary"] if rec["summary"] is not None else f"(no separator) {rec['completion']}"
         return " ".join(text.split()).replace("|", "\\|")
 
-    lines = [
-        (
-            f"### Summary samples – {data}, full model seed {e['seed']}: "
-            f"before GRPO (t = 0) and after (t = {last})"
-        ),
-        "",
-    ]
+    lines = [f"### Summary samples – {data}, {heading}", ""]
     for i in sorted(pick):
         d = ids[i]
         lines += [f"- **{d}** before: {show(before[d])}", f"  - after: {show(after[d])}"]

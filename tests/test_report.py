@@ -154,3 +154,49 @@ def test_notebook_rebuilds_the_tables_from_a_results_folder(tmp_path, monkeypatc
     tables = [text for kind, text in shown if kind == "md"]
     assert len(tables) == 2 and "| iterative | 0.5000" in tables[0] and "Table 3" in tables[1]
     assert [kind for kind, _ in shown].count("img") == 1
+
+
+def test_a_transferred_full_model_is_labelled_by_its_source_and_sampled_against_the_untrained(tmp_path):
+    """Table 2's transfer row: its t = 0 summaries are the *trained* summarizer's, so the report names
+    the source run and takes the untrained summaries from the dataset's fixed_summary run."""
+    source = "/elsewhere/outputs/scifact-iterative-none-s1"
+    runs = {"fixed": ("fixed_summary", "untrained words"), "transfer": ("iterative", "trained words")}
+    for name, (row, text) in runs.items():
+        folder = tmp_path / name
+        (folder / "summaries").mkdir(parents=True)
+        recs = [{"doc_id": f"d{i}", "summary": f"{text} {i}", "completion": ""} for i in range(3)]
+        (folder / "summaries" / "iter0.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+        transfer = f"transfer:\n  run: {source}\n  iteration: 2\n" if name == "transfer" else ""
+        (folder / "config_resolved.yaml").write_text(f"loop:\n  max_iterations: 0\n{transfer}")
+        pq = folder / "runs" / f"test-{row}.per_query.json"
+        pq.parent.mkdir()
+        pq.write_text(json.dumps({q: {"ndcg@10": 0.5} for q in QUERIES}))
+        model = f"{source}/iter2/summarizer" if name == "transfer" else "HuggingFaceTB/SmolLM2"
+        res = {
+            "data": {"name": "nfcorpus", "corpus_size": 3, "splits": {"test": 5}},
+            "seed": 0,
+            "budget": "b",
+            "retriever": {"name": "r"},
+            "summarizer": {"name": model},
+            "iterations": [],
+            "rows": [
+                {
+                    "row": row,
+                    "split": "test",
+                    "per_query_file": str(pq),
+                    "num_queries": 5,
+                    "corpus": {"name": "nfcorpus", "size": 3},
+                    "metrics": {"ndcg@10": 0.5},
+                }
+            ],
+        }
+        (folder / "results.json").write_text(json.dumps(res))
+    assert report.transfer_source(tmp_path / "transfer") == ("scifact-iterative-none-s1", 2)
+    assert report.transfer_source(tmp_path / "fixed") is None
+    report.main([str(tmp_path), "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "tables.md").read_text()
+    assert '"summarizer": "scifact-iterative-none-s1/iter2/summarizer"' in md  # not the machine's path
+    assert "data: nfcorpus, 3 docs" in md
+    samples = (tmp_path / "rep" / "samples_nfcorpus.md").read_text()
+    assert "the models of scifact-iterative-none-s1 (t = 2)" in samples
+    assert "before: untrained words 0" in samples and "after: trained words 0" in samples
