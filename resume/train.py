@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resume.data import register_data_resolvers
 from resume.loop import Loop, LoopConfig, make_adapt, make_grpo, make_summarize
+from resume.summarizer.vllm_backend import release_engines
 from resume.utils import distributed
 from resume.utils.config import register_resolvers
 from resume.utils.io import atomic_write_json, atomic_write_text
@@ -118,6 +119,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         return _run(cfg, t0)
     finally:
+        # Engines first: an in-process vLLM engine (vLLM 0.32) tears down its own groups *and* the default
+        # one on shutdown; left to its exit handler, it found them already destroyed and raised.
+        release_engines()
         distributed.teardown()
 
 

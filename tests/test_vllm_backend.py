@@ -21,7 +21,7 @@ from resume.grpo.loss import sequence_logps
 from resume.grpo.rollouts import pack_completions
 from resume.summarizer import vllm_backend
 from resume.summarizer.generate import GenerationParams, HFBackend
-from resume.summarizer.vllm_backend import VLLMBackend, plain_weights, vllm_available
+from resume.summarizer.vllm_backend import VLLMBackend, plain_weights, release_engines, vllm_available
 from resume.utils.config import compose_node
 
 if not vllm_available():
@@ -277,3 +277,19 @@ def test_heads_the_cpu_engine_cannot_run_are_refused_up_front():
     model = instantiate(tiny.s).model  # 16-wide heads; vLLM's CPU attention takes >= 32
     with pytest.raises(ValueError, match="this model.s is 16"):
         VLLMBackend(model, None)
+
+
+def test_release_shuts_the_engine_down_now_and_the_next_call_starts_a_new_one(summarizer):
+    """Last in this module (it ends the shared engine). vLLM 0.32's LLMEngine has no `shutdown`: an
+    engine left to its exit handler keeps its memory until exit and, under torchrun, raised there."""
+    docs = make_docs(3)
+    before, _ = greedy_pair(summarizer, docs)
+    cores = [llm.llm_engine.engine_core for llm in vllm_backend._ENGINES.values()]
+    assert cores
+    release_engines()
+    assert not vllm_backend._ENGINES
+    assert not any(core._finalizer.alive for core in cores)  # shut down now: nothing left for exit
+    after, _ = greedy_pair(summarizer, docs)
+    assert [c.token_ids for c in after] == [c.token_ids for c in before]
+    summarizer.backend.release()
+    assert not vllm_backend._ENGINES

@@ -55,14 +55,28 @@ def vllm_available() -> bool:
 
 
 def release_engines() -> None:
-    """Shut every engine of this process down and free its memory (weights and KV cache)."""
+    """Shut every engine of this process down and free its memory (weights and KV cache).
+
+    Under torchrun this also destroys the default process group: vLLM's shutdown cleans up the
+    distributed state it joined, which is ours. Call it only when the run is done with collectives
+    (resume.train and resume.summarize_corpus do, last, before their own teardown)."""
     for llm in list(_ENGINES.values()):
         _LOADED.pop(id(llm), None)
-        shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        _shutdown(llm)
     _ENGINES.clear()
     gc.collect()
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop one engine now (its core's shutdown, which also disarms its exit handler). vLLM 0.32's
+    `LLMEngine` has no `shutdown` of its own: the engine core client (in-process or not) has it."""
+    engine = getattr(llm, "llm_engine", None)
+    for owner in (getattr(engine, "engine_core", None), engine):
+        shutdown = getattr(owner, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+            return
+    log.warning("vLLM engine %r has no shutdown: its memory is freed only when it is collected", llm)
 
 
 def plain_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -290,12 +304,19 @@ class VLLMBackend:
         return llm
 
     def release(self) -> None:
-        """Free this backend's engine (the next `generate` starts a new one)."""
-        llm = _ENGINES.pop(self.engine_key(), None)
-        if llm is not None:
-            _LOADED.pop(id(llm), None)
-            del llm
-            gc.collect()
+        """Free this backend's engine (the next `generate` starts a new one). Under torchrun the engine
+        is kept (with a warning): its shutdown would destroy the run's process group (`release_engines`)."""
+        key = self.engine_key()
+        if key not in _ENGINES:
+            return
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            log.warning("vLLM engine kept: shutting it down under torchrun would end the run's process group")
+            return
+        llm = _ENGINES.pop(key)
+        _LOADED.pop(id(llm), None)
+        _shutdown(llm)
+        del llm
+        gc.collect()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt block (benchmarks: a repeated pass would otherwise skip its
