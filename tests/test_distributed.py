@@ -93,7 +93,7 @@ NO_DROPOUT = [  # dropout masks are per rank: off, the 2-rank adaptation is the 
 ]
 
 
-def test_torchrun_whole_loop_equals_one_process_and_writes_each_file_once(tmp_path: Path):
+def test_torchrun_whole_loop_equals_one_process_writes_each_file_once_and_resumes(tmp_path: Path):
     """`torchrun --nproc-per-node 2 -m resume.train debug=smoke trainer=ddp` runs Algorithm 1 end to end
     with the rows, summarizer and retriever of the single-process run at the same global batch; the run
     folder holds the same files (plus rank 1's own log), each written by rank 0. (The tiny random
@@ -131,6 +131,22 @@ def test_torchrun_whole_loop_equals_one_process_and_writes_each_file_once(tmp_pa
     files_b = {p.relative_to(multi) for p in multi.rglob("*") if p.is_file()}
     assert files_b - files_a == {Path("train.rank1.log")}, files_b ^ files_a
     assert files_a - files_b == set()
+
+    # Killed after iteration 1 (what a kill leaves: iteration 1's phase records and models, nothing
+    # later): the same command resumes from the records on every rank and ends where the full run did.
+    iter1 = {name: (multi / "phases" / name).read_text() for name in ("iter1-grpo.json", "iter1-adapt.json")}
+    for name in ("iter2-grpo.json", "iter2-adapt.json"):
+        (multi / "phases" / name).unlink()
+    shutil.rmtree(multi / "iter2")
+    for name in ("results.json", "results.md"):
+        (multi / name).unlink()
+    _run([*_torchrun(2), "-m", "resume.train", *common, "trainer=ddp", f"hydra.run.dir={multi}"], tmp_path)
+    c = json.loads((multi / "results.json").read_text())
+    assert [(r["row"], r["split"], r["metrics"]) for r in c["rows"]] == [
+        (r["row"], r["split"], r["metrics"]) for r in b["rows"]
+    ]
+    assert {name: (multi / "phases" / name).read_text() for name in iter1} == iter1  # restored, not rerun
+    assert (multi / "phases" / "iter2-grpo.json").exists() and (multi / "iter2" / "summarizer").is_dir()
 
 
 # ---------------------------------------------------------------------- pieces
