@@ -31,6 +31,7 @@ from _models import bench_docs, bench_summarizer
 
 from resume.grpo import GRPOConfig, run_grpo
 from resume.summarizer.vllm_backend import vllm_available
+from resume.utils.memory import PeakRSS, release_memory
 
 
 def text_score(text: str) -> float:
@@ -59,7 +60,9 @@ def _summarizer(args: argparse.Namespace, backend: str = "hf"):
     )
 
 
-def bench_ours(args, docs, backend: str, shared_prompt: bool) -> dict[str, list[float]]:
+def bench_ours(
+    args, docs, backend: str, shared_prompt: bool, precision: str = "32-true", checkpointing: bool = False
+) -> dict[str, list[float]]:
     summarizer = _summarizer(args, backend)
     config = GRPOConfig(
         steps=args.steps,
@@ -76,8 +79,8 @@ def bench_ours(args, docs, backend: str, shared_prompt: bool) -> dict[str, list[
         checkpoint_every=0,
         mini_batch_size=args.mini_batch,
         shared_prompt=shared_prompt,
+        gradient_checkpointing=checkpointing,
     )
-    precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     with tempfile.TemporaryDirectory() as out:
         run_grpo(
             summarizer,
@@ -93,7 +96,7 @@ def bench_ours(args, docs, backend: str, shared_prompt: bool) -> dict[str, list[
     release = getattr(summarizer.backend, "release", None)
     if callable(release):
         release()
-    keys = ("time/step", "time/generate", "time/update", "time/sync")
+    keys = sorted({k for h in history for k in h if k.startswith(("time/", "mem/"))})
     return {k: [h[k] for h in history if h.get(k) is not None] for k in keys}
 
 
@@ -165,15 +168,45 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-doc-tokens", type=int, default=128)
     ap.add_argument("--mini-batch", type=int, default=None)
+    ap.add_argument(
+        "--precisions",
+        default=None,
+        help="Lightning precisions of our vLLM run, comma-separated (default: GPU bf16-mixed, CPU 32-true)",
+    )
+    ap.add_argument("--skip-before", action="store_true", help="leave out our HF-generate, per-row run")
+    ap.add_argument(
+        "--checkpointing",
+        choices=("off", "on", "both"),
+        default="off",
+        help="gradient checkpointing in our vLLM runs (then through logps.prefix_tree_logps)",
+    )
     args = ap.parse_args()
+    precisions = (args.precisions or ("bf16-mixed" if torch.cuda.is_available() else "32-true")).split(",")
     docs = bench_docs(args.prompts * args.steps)
-    trl_times = bench_trl(args, docs)
-    runs = {
-        "resume run_grpo: HF generate, prompt per row (before)": bench_ours(args, docs, "hf", False),
-        "resume run_grpo: vLLM, each prompt once (now)": bench_ours(
-            args, docs, "vllm" if vllm_available() else "hf", True
-        ),
-    }
+    peaks: dict[str, dict[str, float]] = {}
+
+    def measured(name: str, fn, *a):
+        release_memory()  # the previous run's freed pages back to the system: each run's own peak
+        with PeakRSS() as mem:
+            out = fn(*a)
+        peaks[name] = mem.record()
+        return out
+
+    trl = "TRL GRPOTrainer (reference)"
+    trl_times = measured(trl, bench_trl, args, docs)
+    engine = "vllm" if vllm_available() else "hf"
+    plans = (
+        []
+        if args.skip_before
+        else [("resume run_grpo: HF generate, prompt per row (before)", "hf", False, "32-true", False)]
+    )
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    plans += [
+        (f"resume run_grpo: {engine}, each prompt once, {prec}{', checkpointing' * c}", engine, True, prec, c)
+        for prec in precisions
+        for c in ckpts
+    ]
+    runs = {name: measured(name, bench_ours, args, docs, *plan) for name, *plan in plans}
 
     def med(times: list[float]) -> float:
         return statistics.median(times[1:] or times) if times else float("nan")
@@ -185,16 +218,50 @@ def main() -> None:
     )
     print(
         "| run | s/step (median, first step excluded) | ratio vs TRL (lower is faster) | "
-        "generate s | update s | sync s |"
+        "peak RSS MB (above the run's start) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|")
+
+    def peak(name: str) -> str:
+        p = peaks[name]
+        return f"{p['peak_mb']:.0f} (+{p['peak_mb'] - p['start_mb']:.0f})"
+
     ref = med(trl_times)
-    print(f"| TRL GRPOTrainer (reference) | {ref:.2f} | 1.00 | | | |")
+    print(f"| {trl} | {ref:.2f} | 1.00 | {peak(trl)} |")
     for name, t in runs.items():
         step = med(t["time/step"])
+        print(f"| {name} | {step:.2f} | {step / ref:.2f} | {peak(name)} |")
+    # Where our step's time and memory go (this rank; medians over the steps after the first).
+    parts = [
+        "generate",
+        "reward",
+        "update_old_logps",
+        "update_ref_logps",
+        "update_forward",
+        "update_backward",
+    ]
+    parts += ["update_optimizer", "sync"]
+    marks = [
+        "step_start",
+        "generate",
+        "update_start",
+        "update_forward",
+        "update_backward",
+        "update_optimizer",
+    ]
+    print()
+    print("| run | " + " | ".join(f"{p} s" for p in parts) + " |")
+    print("|---|" + "---|" * len(parts))
+    for name, t in runs.items():
+        print(f"| {name} | " + " | ".join(f"{med(t.get(f'time/{p}', [])):.2f}" for p in parts) + " |")
+    print()
+    print("| run | " + " | ".join(f"RSS after {m} MB" for m in marks) + " |")
+    print("|---|" + "---|" * len(marks))
+    for name, t in runs.items():
         print(
-            f"| {name} | {step:.2f} | {step / ref:.2f} | {med(t['time/generate']):.2f} | "
-            f"{med(t['time/update']):.2f} | {med(t['time/sync']):.2f} |"
+            f"| {name} | "
+            + " | ".join(f"{max(t.get(f'mem/{m}_mb', [float('nan')])):.0f}" for m in marks)
+            + " |"
         )
     print(f"per-step seconds: trl {[round(x, 2) for x in trl_times]}")
     for name, t in runs.items():

@@ -64,7 +64,7 @@ class GRPOConfig:
     # Run each prompt once for its group's k completions (KV cache shared, gradients through it): the same
     # log-probs and gradient as packing prompt + completion per row, for far fewer tokens. False = packed.
     shared_prompt: bool = True
-    gradient_checkpointing: bool = False  # recompute activations in backward (memory for compute)
+    gradient_checkpointing: bool = False  # recompute activations in backward (conf/grpo/default.yaml: on)
     lora: dict[str, Any] | None = None  # None = full fine-tuning; else {r, alpha, dropout, target_modules}
     log_completions_every: int = 10  # write a table of sample completions every N steps; 0 = never
     log_completions_rows: int = 32  # rows per table (whole groups first)

@@ -64,3 +64,75 @@ def shared_prompt_logps(
         all_logps.append(logps.masked_fill(padding, 0.0))
         all_entropies.append(entropies.masked_fill(padding, 0.0))
     return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0)
+
+
+def prefix_tree_logps(
+    model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """What `shared_prompt_logps` returns, computed without a KV cache, so that it runs under gradient
+    checkpointing (which turns HF's cache off).
+
+    Each prompt segment becomes one sequence: the prompt, then its `k` completions one after another,
+    with an attention mask under which a completion token sees the whole prompt and its own row's
+    earlier tokens, never another row's, and position ids that restart after the prompt for every row.
+    That is the attention pattern of the cached path, so the log-probs and gradients are the same (up to
+    rounding; tested), for the same `P + k (C - 1)` tokens through the model. Logits are taken only
+    where a completion token is predicted."""
+    if temperature <= 0:
+        raise ValueError(f"temperature ({temperature}) must be > 0")
+    if not packed.prompt_segments:
+        raise ValueError("the packed batch has no prompt segments; build it with pack_completions")
+    device = next(model.parameters()).device
+    width = packed.width
+    completion_ids = packed.input_ids[:, -width:].to(device)
+    completion_mask = packed.completion_mask.to(device)
+    all_logps, all_entropies = [], []
+    for prompt, rows in packed.prompt_segments:
+        ids, mask = completion_ids[rows], completion_mask[rows]
+        k, length = ids.shape
+        p, c = prompt.numel(), length - 1  # each row feeds its first C - 1 tokens
+        inputs = torch.cat([prompt.to(device), ids[:, :c].reshape(-1)])[None]
+        positions = torch.cat([torch.arange(p), torch.arange(p, p + c).repeat(k)]).to(device)[None]
+        attend = _prefix_tree_mask(p, k, c, device)
+        # the prompt's last position predicts every row's first token; row r's j-th fed token its (j+1)-th
+        keep = torch.cat([torch.tensor([p - 1]), p + torch.arange(k * c)]).to(device)
+        out = model(
+            input_ids=inputs,
+            attention_mask=_as_model_mask(model, attend),
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits[0]  # [1 + k c, V]
+        first = out[:1].expand(k, -1)[:, None]  # [k, 1, V]
+        logits = torch.cat([first, out[1:].view(k, c, -1)], dim=1) if c else first
+        logits = logits / temperature
+        logps = selective_log_softmax(logits, ids)
+        with torch.no_grad():
+            entropies = entropy_from_logits(logits)
+        padding = mask == 0
+        all_logps.append(logps.masked_fill(padding, 0.0))
+        all_entropies.append(entropies.masked_fill(padding, 0.0))
+    return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0)
+
+
+def _prefix_tree_mask(p: int, k: int, c: int, device: torch.device) -> Tensor:
+    """[L, L] boolean, True where a query (row) may attend to a key (column), L = p + k c: causal over
+    the prompt; a completion token attends to the whole prompt and causally within its own row."""
+    n = p + k * c
+    row_of = torch.cat([torch.full((p,), -1), torch.arange(k).repeat_interleave(c)]).to(device)
+    index = torch.arange(n, device=device)
+    causal = index[None, :] <= index[:, None]
+    same_row = row_of[:, None] == row_of[None, :]
+    key_in_prompt = (row_of == -1)[None, :]
+    return causal & (same_row | key_in_prompt)
+
+
+def _as_model_mask(model: torch.nn.Module, attend: Tensor) -> Tensor:
+    """The mask as the model's attention takes a custom 4D one: boolean for SDPA, additive otherwise."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", "eager")
+    if implementation == "sdpa":
+        return attend[None, None]
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill(
+        ~attend, torch.finfo(dtype).min
+    )[None, None]

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from resume.grpo.config import RESUMABLE_CHANGES, GRPOConfig
 from resume.grpo.history import finite, merge_stats, sample_rows, write_history, write_samples
-from resume.grpo.logps import shared_prompt_logps
+from resume.grpo.logps import prefix_tree_logps, shared_prompt_logps
 from resume.grpo.lora import add_lora
 from resume.grpo.loss import (
     group_advantages,
@@ -70,6 +70,7 @@ from resume.grpo.rollouts import PackedBatch, doc_pair, pack_completions
 from resume.summarizer.generate import Completion, GenerationParams
 from resume.utils import distributed
 from resume.utils.devices import dtype_name, seeded
+from resume.utils.memory import PhaseMeter, rss_mb
 from resume.utils.optim import decay_groups
 
 log = logging.getLogger(__name__)
@@ -292,9 +293,11 @@ class GRPOModule(pl.LightningModule):
         k = cfg.num_generations
         rank = self.world[0]
         seed = cfg.seed + step + (0 if cfg.seed_per_prompt else RANK_SEED_STRIDE * rank)
+        start_mb = rss_mb()
         t0 = time.perf_counter()
         completions = self._generate(doc_ids, replace(self.rollout, seed=seed))
         t1 = time.perf_counter()
+        generate_mb = rss_mb()
         group_ids = [d for d in doc_ids for _ in range(k)]
         self._reseed_reward(cfg.seed + step)
         rewards = self.reward.compute([c.text for c in completions], group_ids)
@@ -325,6 +328,8 @@ class GRPOModule(pl.LightningModule):
                 "time/reward": t2 - t1,
                 "time/update": t3 - t2,
                 "time/sync": sync,
+                "mem/step_start_mb": round(start_mb, 1),
+                "mem/generate_mb": round(generate_mb, 1),
             }
         )
         if cfg.log_completions_every and step % cfg.log_completions_every == 0 and rank == 0:
@@ -332,10 +337,12 @@ class GRPOModule(pl.LightningModule):
         return stats
 
     def _logps(self, model: torch.nn.Module, packed: PackedBatch) -> tuple[Tensor, Tensor]:
-        # Each prompt once per group (exact, ~3x fewer tokens at k=4); HF turns the KV cache off under
-        # gradient checkpointing, so that setting keeps the packed path.
-        if self.config.shared_prompt and not self.config.gradient_checkpointing:
-            return shared_prompt_logps(model, packed, self.rollout.temperature)
+        # Each prompt once per group (exact, ~3x fewer tokens at k=4): through a shared KV cache, or,
+        # under gradient checkpointing (where HF turns the cache off), as one prefix-tree sequence.
+        if self.config.shared_prompt:
+            tree = self.config.gradient_checkpointing and model.training
+            path = prefix_tree_logps if tree else shared_prompt_logps
+            return path(model, packed, self.rollout.temperature)
         return sequence_logps(
             model,
             packed.input_ids.to(self.device),
@@ -394,10 +401,14 @@ class GRPOModule(pl.LightningModule):
         num_tokens = float(sum(c.num_tokens for c in completions))
         advantages = advantages.to(self.device)
         is_mode = self.importance_sampling_mode(completions)
-        with torch.no_grad():  # the sampling policy's log-probs: needed off-policy (mu > 1, another engine)
+        meter = PhaseMeter()
+        meter.mark("start")
+        # The sampling policy's log-probs: needed off-policy (mu > 1, another engine).
+        with torch.no_grad(), meter("old_logps"):
             need_old = cfg.num_iterations > 1 or is_mode is not None
             old = [self._logps(self.policy, ch)[0] if need_old else None for ch in chunks]
-        ref = [self._reference_logps(ch) if cfg.beta > 0 else None for ch in chunks]
+        with meter("ref_logps"):
+            ref = [self._reference_logps(ch) if cfg.beta > 0 else None for ch in chunks]
         weights: list[tuple[Tensor | None, dict[str, float]]] = [(None, {})] * len(chunks)
         if is_mode is not None:
             weights = []
@@ -423,38 +434,40 @@ class GRPOModule(pl.LightningModule):
             for i, (chunk, old_logps, ref_logps, (is_w, is_stats)) in enumerate(
                 zip(chunks, old, ref, weights)
             ):
-                logps, entropies = self._logps(self.policy, chunk)
-                loss, stats = grpo_loss(
-                    logps,
-                    old_logps,
-                    advantages[chunk.rows],
-                    chunk.completion_mask.to(self.device),
-                    loss_type=cfg.loss_type,
-                    epsilon_low=cfg.epsilon_low,
-                    epsilon_high=cfg.epsilon_high,
-                    beta=cfg.beta,
-                    ref_logps=ref_logps,
-                    delta=cfg.delta,
-                    kl_ratio_correction=cfg.kl_ratio_correction,
-                    max_completion_length=self.rollout.max_new_tokens,
-                    num_active_tokens=num_tokens,
-                    entropies=entropies,
-                    is_weights=is_w,
-                    prefix="train/",
-                )
+                with meter("forward"):
+                    logps, entropies = self._logps(self.policy, chunk)
+                    loss, stats = grpo_loss(
+                        logps,
+                        old_logps,
+                        advantages[chunk.rows],
+                        chunk.completion_mask.to(self.device),
+                        loss_type=cfg.loss_type,
+                        epsilon_low=cfg.epsilon_low,
+                        epsilon_high=cfg.epsilon_high,
+                        beta=cfg.beta,
+                        ref_logps=ref_logps,
+                        delta=cfg.delta,
+                        kl_ratio_correction=cfg.kl_ratio_correction,
+                        max_completion_length=self.rollout.max_new_tokens,
+                        num_active_tokens=num_tokens,
+                        entropies=entropies,
+                        is_weights=is_w,
+                        prefix="train/",
+                    )
                 stats = {**stats, **is_stats}
                 weight = microbatch_weight(cfg.loss_type, chunk.rows.stop - chunk.rows.start, size)
                 # DDP averages the ranks' gradients: x world makes it their sum, the whole batch's gradient.
                 # Only the pass's last backward all-reduces; the others accumulate locally.
-                with self._no_sync(i < len(chunks) - 1):
+                with self._no_sync(i < len(chunks) - 1), meter("backward"):
                     self.manual_backward(loss * (weight * world))
                 pass_loss += float(loss.detach()) * weight
                 parts.append((stats, float(chunk.completion_mask.sum())))
-            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-            lrs.append(optimizer.optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            with meter("optimizer"):
+                norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+                lrs.append(optimizer.optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
             losses.append(pass_loss)
             norms.append(float(norm))
         if world > 1:  # every rank logs the whole batch's statistics
@@ -465,6 +478,7 @@ class GRPOModule(pl.LightningModule):
         stats["train/loss"] = float(np.mean(losses))
         stats["train/grad_norm"] = float(np.mean(norms))
         stats["train/lr"] = float(lrs[0])
+        stats.update(meter.record("update_"))  # this rank's: time/update_forward, mem/update_forward_mb, ...
         return stats
 
     def _no_sync(self, skip: bool) -> Any:

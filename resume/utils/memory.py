@@ -7,12 +7,15 @@ the sampler falls back to `ru_maxrss` and says so in its record.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
 import os
 import resource
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -88,3 +91,35 @@ class PeakRSS:
             "peak_mb": round(self.peak_mb, 1),
             "end_mb": round(self.end_mb, 1),
         }
+
+
+class PhaseMeter:
+    """Seconds and resident memory per named part of a repeated block (a GRPO update's forward,
+    backward, optimizer step): `with meter("backward"): ...`, then `meter.record()`.
+
+    Memory is the RSS read as each part ends, the largest over its repetitions: right after a forward
+    it holds the activations the backward will need, which is where a training step peaks. Freed
+    pages glibc keeps count as resident until `release_memory`, so later parts read at least as high;
+    the increments between parts are what each one added."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.rss: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.rss[name] = max(self.rss.get(name, 0.0), rss_mb())
+
+    def mark(self, name: str) -> None:
+        """The RSS now, under `name` (a point between parts, e.g. the step's start)."""
+        self.rss[name] = max(self.rss.get(name, 0.0), rss_mb())
+
+    def record(self, prefix: str = "") -> dict[str, float]:
+        out = {f"time/{prefix}{name}": s for name, s in self.seconds.items()}
+        out.update({f"mem/{prefix}{name}_mb": round(mb, 1) for name, mb in self.rss.items()})
+        return out
