@@ -263,6 +263,10 @@ def main() -> None:
             + " | ".join(f"{max(t.get(f'mem/{m}_mb', [float('nan')])):.0f}" for m in marks)
             + " |"
         )
+    for name, t in runs.items():  # memory step by step: where the first step's allocations stay
+        for step in range(len(t["time/step"])):
+            cells = ", ".join(f"{m} {t[f'mem/{m}_mb'][step]:.0f}" for m in marks if f"mem/{m}_mb" in t)
+            print(f"  {name}, step {step} RSS MB: {cells}")
     print(f"per-step seconds: trl {[round(x, 2) for x in trl_times]}")
     for name, t in runs.items():
         print(f"  {name}: {[round(x, 2) for x in t['time/step']]}")
