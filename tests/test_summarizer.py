@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 
 import pytest
@@ -301,3 +302,33 @@ def test_bf16_generation_of_an_fp32_model_follows_its_weights():
     opt.step()
     after = [g[0].token_ids for g in backend.generate(prompts, params)]
     assert after == reference() and after != before
+
+
+def test_cpu_bf16_probe_is_measured_once_per_machine_and_can_be_forced(monkeypatch, tmp_path):
+    """AVX512-BF16 without AMX is fast on some CPUs and slow on others: `auto` measures a matmul once,
+    stores the answer in the cache (every later run and rank reads it), and RESUME_CPU_BF16 overrides."""
+    from resume.utils import devices
+
+    monkeypatch.setenv("RESUME_CACHE", str(tmp_path))
+    monkeypatch.delenv("RESUME_CPU_BF16", raising=False)
+    first = devices.cpu_bf16_probe(size=128, repeats=2)
+    assert first["fp32_tflops"] > 0 and first["bf16_tflops"] > 0 and first["speedup"] > 0
+    stored = list((tmp_path / "probes").glob("cpu_bf16-*.json"))
+    assert len(stored) == 1
+    stored[0].write_text(json.dumps({**first, "speedup": 9.0}))  # a later call reads, not re-measures
+    assert devices.cpu_bf16_probe(size=128, repeats=2)["speedup"] == 9.0
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    for speedup, fast in ((devices.BF16_SPEEDUP_NEEDED + 0.1, True), (0.74, False)):
+        monkeypatch.setattr(devices, "cpu_bf16_probe", lambda speedup=speedup: {"speedup": speedup})
+        devices.cpu_bf16_is_fast.cache_clear()
+        assert devices.cpu_bf16_is_fast() is fast
+    monkeypatch.setenv("RESUME_CPU_BF16", "1")
+    devices.cpu_bf16_is_fast.cache_clear()
+    assert devices.cpu_bf16_is_fast() is True
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.delenv("RESUME_CPU_BF16")
+    devices.cpu_bf16_is_fast.cache_clear()
+    assert devices.cpu_bf16_is_fast() is False  # no bf16 instructions: emulated, never measured
+    devices.cpu_bf16_is_fast.cache_clear()

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DTYPES = {
     "fp32": torch.float32,
@@ -34,22 +46,86 @@ def resolve_dtype(dtype: str, key: str = "summarizer.dtype") -> torch.dtype:
     return DTYPES[dtype]
 
 
-def cpu_bf16_is_fast() -> bool:
-    """Whether this CPU has AMX tiles (usable by this process), where bf16 matmuls run several times faster
-    than fp32 (HF generate of SmolLM2 3x on such a Xeon).
+BF16_SPEEDUP_NEEDED = 1.5  # measured: 4.1x on an AMD EPYC with AVX512-BF16, 0.74x on a Xeon without AMX
 
-    AVX512-BF16 alone is not enough (measured on a Xeon that exposes it without AMX: vLLM greedy 77 tok/s in
-    bf16 vs 93 in fp32, a 2048^2 matmul 0.14 vs 0.19 TFLOP/s; HF generate 1.27x), and without either
-    instruction set bf16 is emulated and slower than fp32.
-    """
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+@functools.cache
+def cpu_bf16_is_fast() -> bool:
+    """Whether bf16 matmuls run clearly faster than fp32 on this CPU: what `dtype: auto` generates in.
+
+    No flag decides it alone. AMX tiles: yes (HF generate of SmolLM2 3x faster in bf16 on such a Xeon).
+    No AVX512-BF16: no (bf16 is emulated). AVX512-BF16 without AMX gave opposite answers on two
+    machines (a Xeon: a 2048^2 matmul at 0.14 vs 0.19 TFLOP/s, vLLM 77 vs 93 tok/s; an AMD EPYC:
+    0.78 vs 0.19 TFLOP/s, vLLM 1.6x), so there it is measured: bf16 counts as fast when the matmul is
+    `BF16_SPEEDUP_NEEDED` times fp32's or more. The answer is stored per CPU model and torch version in
+    the cache (`<cache>/probes/`), so every run and rank on a machine decides alike; the environment
+    variable `RESUME_CPU_BF16=0|1` overrides it."""
+    forced = os.environ.get("RESUME_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return True
+    if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return False
+    return cpu_bf16_probe()["speedup"] >= BF16_SPEEDUP_NEEDED
+
+
+def cpu_bf16_probe(size: int = 1024, repeats: int = 5) -> dict[str, Any]:
+    """bf16 vs fp32 matmul time on this CPU (best of `repeats`, interleaved), read from the cache when
+    this CPU model and torch version were measured before; {"cpu", "torch", "speedup", ...}."""
+    from resume.utils.config import default_cache_dir
+
+    cpu = _cpu_model()
+    key = hashlib.blake2b(f"{cpu}|{torch.__version__}|{size}".encode(), digest_size=6).hexdigest()
+    path = default_cache_dir() / "probes" / f"cpu_bf16-{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    a32 = torch.randn(size, size)
+    a16 = a32.to(torch.bfloat16)
+    best = {torch.float32: math.inf, torch.bfloat16: math.inf}
+    for _ in range(repeats):
+        for a in (a32, a16):
+            t0 = time.perf_counter()
+            a @ a
+            best[a.dtype] = min(best[a.dtype], time.perf_counter() - t0)
+    flop = 2 * size**3
+    record = {
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "size": size,
+        "fp32_tflops": round(flop / best[torch.float32] / 1e12, 3),
+        "bf16_tflops": round(flop / best[torch.bfloat16] / 1e12, 3),
+        "speedup": round(best[torch.float32] / best[torch.bfloat16], 2),
+    }
+    log.info("CPU bf16 probe: %s", record)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+    except OSError as e:  # a read-only cache: measure again next time
+        log.warning("could not store the CPU bf16 probe in %s: %s", path, e)
+    return record
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def generation_dtype(
     dtype: str, device: torch.device | str, key: str = "summarizer.backend.dtype"
 ) -> torch.dtype:
     """The dtype to GENERATE in: `auto` -> bf16 on a CUDA GPU and on a CPU where bf16 is fast
-    (`cpu_bf16_is_fast`: AMX), fp32 elsewhere; anything else as `resolve_dtype` reads it."""
+    (`cpu_bf16_is_fast`: AMX, or AVX512-BF16 and a measured speed-up), fp32 elsewhere; anything else
+    as `resolve_dtype` reads it."""
     if dtype != "auto":
         return resolve_dtype(dtype, key)
     device = torch.device(device)
