@@ -7,10 +7,13 @@ repeated for the `k` rows, and the completions run on top of it. Attention is ca
 completion token sees exactly the keys and values it sees in the packed layout, and gradients flow
 back through the cache into the one prompt pass, where the `k` rows' contributions add up: the same
 log-probs and the same gradient, up to float rounding (tested), for about `(P + kC) / (k (P + C))`
-of the tokens.
+of the tokens. Under gradient checkpointing, where HF turns the cache off, `prefix_tree_logps` gets
+the same attention pattern from one masked sequence instead. Both share the per-segment driver.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -18,52 +21,15 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from resume.grpo.rollouts import PackedBatch
 
+SegmentLogits = Callable[[torch.nn.Module, Tensor, Tensor, Tensor], Tensor]
+
 
 def shared_prompt_logps(
     model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """`(logps, entropies)`, both `[B, C]` over `packed`'s completion columns, as `loss.sequence_logps`
     returns them (padding 0, entropies detached), computed one prompt segment at a time."""
-    from transformers import DynamicCache
-
-    if temperature <= 0:
-        raise ValueError(f"temperature ({temperature}) must be > 0")
-    if not packed.prompt_segments:
-        raise ValueError("the packed batch has no prompt segments; build it with pack_completions")
-    device = next(model.parameters()).device
-    width = packed.width
-    completion_ids = packed.input_ids[:, -width:].to(device)
-    completion_mask = packed.completion_mask.to(device)
-    all_logps, all_entropies = [], []
-    for prompt, rows in packed.prompt_segments:
-        ids, mask = completion_ids[rows], completion_mask[rows]
-        k, length = ids.shape
-        cache = DynamicCache(config=model.config)
-        first = model(
-            input_ids=prompt.to(device)[None], past_key_values=cache, use_cache=True, logits_to_keep=1
-        ).logits  # [1, 1, V]: predicts each row's first completion token
-        logits = first.expand(k, 1, first.size(-1))
-        if length > 1:
-            cache.batch_repeat_interleave(k)
-            p = prompt.numel()
-            attention = torch.cat([torch.ones((k, p), dtype=mask.dtype, device=device), mask[:, :-1]], dim=1)
-            positions = torch.arange(p, p + length - 1, device=device).expand(k, -1)
-            rest = model(
-                input_ids=ids[:, :-1],
-                attention_mask=attention,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits  # [k, C - 1, V]
-            logits = torch.cat([logits, rest], dim=1)
-        logits = logits / temperature
-        logps = selective_log_softmax(logits, ids)
-        with torch.no_grad():
-            entropies = entropy_from_logits(logits)
-        padding = mask == 0
-        all_logps.append(logps.masked_fill(padding, 0.0))
-        all_entropies.append(entropies.masked_fill(padding, 0.0))
-    return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0)
+    return _per_prompt_segment(model, packed, temperature, _cached_segment_logits)
 
 
 def prefix_tree_logps(
@@ -78,6 +44,14 @@ def prefix_tree_logps(
     That is the attention pattern of the cached path, so the log-probs and gradients are the same (up to
     rounding; tested), for the same `P + k (C - 1)` tokens through the model. Logits are taken only
     where a completion token is predicted."""
+    return _per_prompt_segment(model, packed, temperature, _tree_segment_logits)
+
+
+def _per_prompt_segment(
+    model: torch.nn.Module, packed: PackedBatch, temperature: float, segment_logits: SegmentLogits
+) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies of every prompt segment's rows, from `segment_logits(model, prompt,
+    ids, mask)`: the `[k, C, V]` logits predicting the segment's `[k, C]` completion tokens."""
     if temperature <= 0:
         raise ValueError(f"temperature ({temperature}) must be > 0")
     if not packed.prompt_segments:
@@ -89,23 +63,7 @@ def prefix_tree_logps(
     all_logps, all_entropies = [], []
     for prompt, rows in packed.prompt_segments:
         ids, mask = completion_ids[rows], completion_mask[rows]
-        k, length = ids.shape
-        p, c = prompt.numel(), length - 1  # each row feeds its first C - 1 tokens
-        inputs = torch.cat([prompt.to(device), ids[:, :c].reshape(-1)])[None]
-        positions = torch.cat([torch.arange(p), torch.arange(p, p + c).repeat(k)]).to(device)[None]
-        attend = _prefix_tree_mask(p, k, c, device)
-        # the prompt's last position predicts every row's first token; row r's j-th fed token its (j+1)-th
-        keep = torch.cat([torch.tensor([p - 1]), p + torch.arange(k * c)]).to(device)
-        out = model(
-            input_ids=inputs,
-            attention_mask=_as_model_mask(model, attend),
-            position_ids=positions,
-            use_cache=False,
-            logits_to_keep=keep,
-        ).logits[0]  # [1 + k c, V]
-        first = out[:1].expand(k, -1)[:, None]  # [k, 1, V]
-        logits = torch.cat([first, out[1:].view(k, c, -1)], dim=1) if c else first
-        logits = logits / temperature
+        logits = segment_logits(model, prompt.to(device), ids, mask) / temperature
         logps = selective_log_softmax(logits, ids)
         with torch.no_grad():
             entropies = entropy_from_logits(logits)
@@ -113,6 +71,52 @@ def prefix_tree_logps(
         all_logps.append(logps.masked_fill(padding, 0.0))
         all_entropies.append(entropies.masked_fill(padding, 0.0))
     return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0)
+
+
+def _cached_segment_logits(model: torch.nn.Module, prompt: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """The prompt once, its KV cache repeated for the `k` rows, the completions on top of it."""
+    from transformers import DynamicCache
+
+    k, length = ids.shape
+    device = ids.device
+    cache = DynamicCache(config=model.config)
+    first = model(input_ids=prompt[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = first.expand(k, 1, first.size(-1))  # [k, 1, V]: predicts each row's first completion token
+    if length > 1:
+        cache.batch_repeat_interleave(k)
+        p = prompt.numel()
+        attention = torch.cat([torch.ones((k, p), dtype=mask.dtype, device=device), mask[:, :-1]], dim=1)
+        positions = torch.arange(p, p + length - 1, device=device).expand(k, -1)
+        rest = model(
+            input_ids=ids[:, :-1],
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # [k, C - 1, V]
+        logits = torch.cat([logits, rest], dim=1)
+    return logits
+
+
+def _tree_segment_logits(model: torch.nn.Module, prompt: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """The prompt and the `k` completions as one prefix-tree sequence (see `prefix_tree_logps`)."""
+    k, length = ids.shape
+    device = ids.device
+    p, c = prompt.numel(), length - 1  # each row feeds its first C - 1 tokens
+    inputs = torch.cat([prompt, ids[:, :c].reshape(-1)])[None]
+    positions = torch.cat([torch.arange(p), torch.arange(p, p + c).repeat(k)]).to(device)[None]
+    attend = _prefix_tree_mask(p, k, c, device)
+    # the prompt's last position predicts every row's first token; row r's j-th fed token its (j+1)-th
+    keep = torch.cat([torch.tensor([p - 1]), p + torch.arange(k * c)]).to(device)
+    out = model(
+        input_ids=inputs,
+        attention_mask=_as_model_mask(model, attend),
+        position_ids=positions,
+        use_cache=False,
+        logits_to_keep=keep,
+    ).logits[0]  # [1 + k c, V]
+    first = out[:1].expand(k, -1)[:, None]  # [k, 1, V]
+    return torch.cat([first, out[1:].view(k, c, -1)], dim=1) if c else first
 
 
 def _prefix_tree_mask(p: int, k: int, c: int, device: torch.device) -> Tensor:
