@@ -288,6 +288,22 @@ def test_config_rejects_bad_values_with_the_fix(changes, message):
         GRPOConfig(**changes)
 
 
+def _random_groups(gen: torch.Generator, groups, lengths: tuple[int, int]) -> list:
+    """GRPO groups of random token ids: per (prompt length, k), one prompt and k completions whose
+    lengths are drawn from [lengths[0], lengths[1])."""
+    from resume.summarizer.generate import Completion
+
+    completions = []
+    for prompt_len, k in groups:
+        prompt = torch.randint(5, 400, (prompt_len,), generator=gen).tolist()
+        for _ in range(k):
+            n = int(torch.randint(*lengths, (1,), generator=gen))
+            completions.append(
+                Completion("", torch.randint(5, 400, (n,), generator=gen).tolist(), prompt, True)
+            )
+    return completions
+
+
 def test_each_prompt_once_gives_the_packed_log_probs_and_gradient(compose_in_tmp):
     """`shared_prompt_logps` (each prompt run once, its KV cache shared by the group) and
     `prefix_tree_logps` (the prompt and its group's completions as one masked sequence, under gradient
@@ -295,19 +311,11 @@ def test_each_prompt_once_gives_the_packed_log_probs_and_gradient(compose_in_tmp
     GRPO loss, with groups of different prompt and completion lengths and a chunk that splits a group."""
     from resume.grpo.logps import prefix_tree_logps, shared_prompt_logps
     from resume.grpo.loss import grpo_loss, sequence_logps
-    from resume.summarizer.generate import Completion
 
     summarizer = instantiate(toy_config(compose_in_tmp).summarizer)
     model = summarizer.model.train()
     gen = torch.Generator().manual_seed(0)
-    completions = []
-    for prompt_len, k in ((11, 4), (6, 3)):
-        prompt = torch.randint(5, 400, (prompt_len,), generator=gen).tolist()
-        for _ in range(k):
-            n = int(torch.randint(1, 9, (1,), generator=gen))
-            completions.append(
-                Completion("", torch.randint(5, 400, (n,), generator=gen).tolist(), prompt, True)
-            )
+    completions = _random_groups(gen, ((11, 4), (6, 3)), lengths=(1, 9))
     advantages = torch.randn(len(completions), generator=gen)
     for chunk in (completions, completions[2:5]):  # whole batch; rows 2-4 split the first group
         packed = pack_completions(chunk, pad_id=0)
@@ -346,20 +354,12 @@ def test_bf16_autocast_keeps_the_loss_and_gradient_close_to_fp32(compose_in_tmp)
     gradient 3.6e-3 relative, cosine 0.999998; bounds 2e-2, 2e-2, 0.999)."""
     from resume.grpo.logps import prefix_tree_logps, shared_prompt_logps
     from resume.grpo.loss import grpo_loss
-    from resume.summarizer.generate import Completion
 
     # a trained model's scale of weights (the tiny config's init 1.0 saturates every softmax)
     cfg = toy_config(compose_in_tmp, extra=["summarizer.config.initializer_range=0.02"])
     model = instantiate(cfg.summarizer).model.train()
     gen = torch.Generator().manual_seed(1)
-    completions = []
-    for prompt_len, k in ((40, 4), (25, 4)):
-        prompt = torch.randint(5, 400, (prompt_len,), generator=gen).tolist()
-        for _ in range(k):
-            n = int(torch.randint(4, 16, (1,), generator=gen))
-            completions.append(
-                Completion("", torch.randint(5, 400, (n,), generator=gen).tolist(), prompt, True)
-            )
+    completions = _random_groups(gen, ((40, 4), (25, 4)), lengths=(4, 16))
     packed = pack_completions(completions, pad_id=0)
     advantages = torch.randn(len(completions), generator=gen)
     for path in (shared_prompt_logps, prefix_tree_logps):
