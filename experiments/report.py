@@ -259,13 +259,18 @@ def short_model(name: str | None) -> str | None:
     return "/".join(Path(name).parts[-3:])
 
 
-def transfer_source(run: str | Path) -> tuple[str, int] | None:
-    """(source run folder name, iteration) of a run that evaluates another run's trained models
-    (experiment=transfer), from its resolved config; None for a run that trained its own."""
+def run_config(run: str | Path, key: str) -> Any:
+    """The `key` node of the run's resolved config (`config_resolved.yaml`), None when either is absent."""
     from omegaconf import OmegaConf
 
     cfg_path = Path(run) / "config_resolved.yaml"
-    node = OmegaConf.load(cfg_path).get("transfer") if cfg_path.exists() else None
+    return OmegaConf.load(cfg_path).get(key) if cfg_path.exists() else None
+
+
+def transfer_source(run: str | Path) -> tuple[str, int] | None:
+    """(source run folder name, iteration) of a run that evaluates another run's trained models
+    (experiment=transfer), from its resolved config; None for a run that trained its own."""
+    node = run_config(run, "transfer")
     if not node or not node.get("run"):
         return None
     return Path(str(node.run)).name, int(node.iteration)
@@ -352,10 +357,7 @@ def run_data(run: str | Path) -> Any:
     """The run's dataset, rebuilt from its resolved config (None when it cannot be loaded here)."""
     from omegaconf import OmegaConf
 
-    cfg_path = Path(run) / "config_resolved.yaml"
-    if not cfg_path.exists():
-        return None
-    node = OmegaConf.load(cfg_path).get("data")
+    node = run_config(run, "data")
     if node is None:
         return None
     key = json.dumps(OmegaConf.to_container(node), sort_keys=True)
@@ -365,7 +367,8 @@ def run_data(run: str | Path) -> Any:
         try:
             _DATA[key] = instantiate(node)
         except Exception as e:  # noqa: BLE001 -- not on this machine: say so, do not invent the column
-            print(f"note: {cfg_path}: data not loadable here ({type(e).__name__}: {e}); no query overlap")
+            where = Path(run) / "config_resolved.yaml"
+            print(f"note: {where}: data not loadable here ({type(e).__name__}: {e}); no query overlap")
             _DATA[key] = None
     return _DATA[key]
 
@@ -508,11 +511,8 @@ def summary_samples(groups, data: str, n: int = 5, seed: int = 0) -> str:
 def row_iteration(run: str | Path, res: dict[str, Any], row: str) -> int:
     """The iteration whose summaries `row` indexed: its `loop.eval_points` entry in the run's resolved
     config, else (the run's own row) the last iteration the run reached."""
-    from omegaconf import OmegaConf
-
-    cfg_path = Path(run) / "config_resolved.yaml"
-    points = OmegaConf.load(cfg_path).loop.get("eval_points", []) if cfg_path.exists() else []
-    for point in points:
+    loop = run_config(run, "loop")
+    for point in loop.get("eval_points", []) if loop is not None else []:
         if point.row == row:
             return int(point.get("iteration", 0))
     return max((it["iteration"] for it in res.get("iterations", [])), default=0)
