@@ -74,6 +74,7 @@ def cpu_bf16_probe(size: int = 1024, repeats: int = 5) -> dict[str, Any]:
     """bf16 vs fp32 matmul time on this CPU (best of `repeats`, interleaved), read from the cache when
     this CPU model and torch version were measured before; {"cpu", "torch", "speedup", ...}."""
     from resume.utils.config import default_cache_dir
+    from resume.utils.io import atomic_write_json
 
     cpu = _cpu_model()
     key = hashlib.blake2b(f"{cpu}|{torch.__version__}|{size}".encode(), digest_size=6).hexdigest()
@@ -101,10 +102,7 @@ def cpu_bf16_probe(size: int = 1024, repeats: int = 5) -> dict[str, Any]:
     }
     log.info("CPU bf16 probe: %s", record)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(path)
+        atomic_write_json(path, record)
     except OSError as e:  # a read-only cache: measure again next time
         log.warning("could not store the CPU bf16 probe in %s: %s", path, e)
     return record
