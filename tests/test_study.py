@@ -23,6 +23,15 @@ def test_every_study_job_composes(compose_in_tmp):
             overrides.append("transfer.run=/some/finished/run")
         cfg = compose_in_tmp(overrides)
         assert cfg.budget.name == "cpu_study" and cfg.seed == job.seed
+        if study.LATER[0] in job.extra:  # the seed- and ablation-free rows are left to the first seeds
+            points = [dict(p) for p in cfg.loop.eval_points]
+            assert points == [
+                {"row": "non_iterative", "iteration": 1, "stage": "summarized", "view": "summaries"}
+                | {"splits": [cfg.data.eval_split]}
+            ]
+    # every row a later job skips is evaluated by jobs that keep it, at two seeds
+    full = [j for j in study.JOBS if j.experiment == "iterative" and j.data == "scifact" and not j.extra]
+    assert {j.seed for j in full} == {0, 1} and all(j.ablation == "none" for j in full)
     # the paper's claims and the controls: the full model and adapted_baseline at three seeds
     for row in ("iterative", "adapted_baseline"):
         assert {j.seed for j in study.JOBS if j.experiment == row and j.ablation == "none"} >= {0, 1, 2}
