@@ -70,7 +70,7 @@ from resume.grpo.rollouts import PackedBatch, doc_pair, pack_completions
 from resume.summarizer.generate import Completion, GenerationParams
 from resume.utils import distributed
 from resume.utils.devices import dtype_name, seeded
-from resume.utils.memory import PhaseMeter, rss_mb
+from resume.utils.memory import PhaseMeter
 from resume.utils.optim import decay_groups
 
 log = logging.getLogger(__name__)
@@ -293,21 +293,20 @@ class GRPOModule(pl.LightningModule):
         k = cfg.num_generations
         rank = self.world[0]
         seed = cfg.seed + step + (0 if cfg.seed_per_prompt else RANK_SEED_STRIDE * rank)
-        start_mb = rss_mb()
-        t0 = time.perf_counter()
-        completions = self._generate(doc_ids, replace(self.rollout, seed=seed))
-        t1 = time.perf_counter()
-        generate_mb = rss_mb()
+        meter = PhaseMeter()  # time/generate, time/reward, time/update and the RSS as each ends
+        meter.mark("step_start")
+        with meter("generate"):
+            completions = self._generate(doc_ids, replace(self.rollout, seed=seed))
         group_ids = [d for d in doc_ids for _ in range(k)]
-        self._reseed_reward(cfg.seed + step)
-        rewards = self.reward.compute([c.text for c in completions], group_ids)
-        total = torch.as_tensor(rewards.total, dtype=torch.float32).flatten()
-        advantages = group_advantages(
-            total, k, kind=cfg.advantage, scale=cfg.scale_rewards, temperature=cfg.advantage_temperature
-        )
-        t2 = time.perf_counter()
-        stats = self._update(completions, advantages)
-        t3 = time.perf_counter()
+        with meter("reward"):
+            self._reseed_reward(cfg.seed + step)
+            rewards = self.reward.compute([c.text for c in completions], group_ids)
+            total = torch.as_tensor(rewards.total, dtype=torch.float32).flatten()
+            advantages = group_advantages(
+                total, k, kind=cfg.advantage, scale=cfg.scale_rewards, temperature=cfg.advantage_temperature
+            )
+        with meter("update"):
+            stats = self._update(completions, advantages)
         with distributed.full_parameters(self._trainer):
             sync = (
                 self.summarizer.sync_weights()
@@ -324,12 +323,8 @@ class GRPOModule(pl.LightningModule):
                 "train/completion_length_max": float(lengths.max()),
                 "train/truncated_fraction": float(np.mean([not c.finished for c in completions])),
                 "train/tokens": float(lengths.sum()),
-                "time/generate": t1 - t0,
-                "time/reward": t2 - t1,
-                "time/update": t3 - t2,
+                **meter.record(),
                 "time/sync": sync,
-                "mem/step_start_mb": round(start_mb, 1),
-                "mem/generate_mb": round(generate_mb, 1),
             }
         )
         if cfg.log_completions_every and step % cfg.log_completions_every == 0 and rank == 0:

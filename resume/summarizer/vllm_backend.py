@@ -61,15 +61,15 @@ def release_engines() -> None:
     distributed state it joined, which is ours. Call it only when the run is done with collectives
     (resume.train and resume.summarize_corpus do, last, before their own teardown)."""
     for llm in list(_ENGINES.values()):
-        _LOADED.pop(id(llm), None)
         _shutdown(llm)
     _ENGINES.clear()
     gc.collect()
 
 
 def _shutdown(llm: Any) -> None:
-    """Stop one engine now (its core's shutdown, which also disarms its exit handler). vLLM 0.32's
-    `LLMEngine` has no `shutdown` of its own: the engine core client (in-process or not) has it."""
+    """Stop one engine now (its core's shutdown, which also disarms its exit handler) and forget which
+    weights it held. vLLM 0.32's `LLMEngine` has no `shutdown`: the engine core client has it."""
+    _LOADED.pop(id(llm), None)
     engine = getattr(llm, "llm_engine", None)
     for owner in (getattr(engine, "engine_core", None), engine):
         shutdown = getattr(owner, "shutdown", None)
@@ -313,7 +313,6 @@ class VLLMBackend:
             log.warning("vLLM engine kept: shutting it down under torchrun would end the run's process group")
             return
         llm = _ENGINES.pop(key)
-        _LOADED.pop(id(llm), None)
         _shutdown(llm)
         del llm
         gc.collect()
