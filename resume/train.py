@@ -26,6 +26,7 @@ from resume.utils.config import register_resolvers
 from resume.utils.devices import environment
 from resume.utils.io import atomic_write_json, atomic_write_text
 from resume.utils.lightning import build_loggers, close_loggers
+from resume.utils.memory import set_mmap_threshold
 
 log = logging.getLogger("resume")
 
@@ -127,6 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig, t0: float) -> dict[str, Any]:
+    set_mmap_threshold(cfg.get("mmap_threshold_mb"))
     pl.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,27 @@ def _libc_malloc_trim() -> Any:
 
 
 _MALLOC_TRIM = _libc_malloc_trim()
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def set_mmap_threshold(mb: float | None) -> bool:
+    """Serve every allocation of `mb` MB or more with its own mmap, returned to the system when freed.
+
+    glibc's threshold starts at 128 KB and rises to the size of each mmapped block freed (up to 32 MB),
+    so after the first training step every activation and gradient block of a small model comes from
+    the heap arenas, whose freed pages stay resident: the default run's GRPO rounds held ~0.6 GB more
+    than they used (bench: 5.2 GB peak with glibc's default, 4.6 GB at 1 MB). A fixed threshold also
+    stops the rise. None keeps glibc's behaviour; returns whether it was set (False off glibc)."""
+    if mb is None:
+        return False
+    if mb <= 0:
+        raise ValueError(f"mmap_threshold_mb ({mb}) must be > 0, or null for glibc's default")
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(mb * 2**20)) == 1)
 
 
 def release_memory() -> float:
