@@ -79,6 +79,7 @@ def test_infonce_adaptation_learns_toy_retrieval(compose_in_tmp, tmp_path: Path,
         retriever, "optimizer_factory"
     )  # the fit's settings live in its ContrastiveModule only
     assert retriever.training  # the mode it came in
+    assert all(p.grad is None for p in retriever.parameters())  # no gradients left resident
 
 
 def test_extra_negatives_warmup_step_cap_and_checkpoint(compose_in_tmp, tmp_path: Path):

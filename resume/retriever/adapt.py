@@ -259,6 +259,7 @@ def adapt_retriever(
     finally:
         retriever.to(device)
         retriever.train(was_training)
+        retriever.zero_grad(set_to_none=True)  # the last step's gradients would stay resident all run
     seconds = time.perf_counter() - t0
     metrics = trainer.callback_metrics
     stats = {
