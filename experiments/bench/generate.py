@@ -64,6 +64,8 @@ def backends(args, summarizer) -> list[tuple[str, str, object]]:
         settings = [("fp32", True)] + ([("bf16", True)] if bf16 else [])
         if args.compiled:  # in the dtype `auto` would pick
             settings.append(("bf16" if fast_bf16 else "fp32", False))
+        budget = args.max_num_batched_tokens
+        engine = {"max_num_batched_tokens": budget} if budget else {}
         for dtype, eager in settings:
             label = f"vllm {dtype} {'eager' if eager else 'compiled'}"
             runs.append(
@@ -71,7 +73,12 @@ def backends(args, summarizer) -> list[tuple[str, str, object]]:
                     label,
                     dtype,
                     lambda dtype=dtype, eager=eager: VLLMBackend(
-                        model, tok, dtype=dtype, enforce_eager=eager, max_num_seqs=args.max_num_seqs
+                        model,
+                        tok,
+                        dtype=dtype,
+                        enforce_eager=eager,
+                        max_num_seqs=args.max_num_seqs,
+                        engine_kwargs=engine,
                     ),
                 )
             )
@@ -85,6 +92,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="documents")
     ap.add_argument("--batch-size", type=int, default=8, help="HF: sequences per generate call")
     ap.add_argument("--max-num-seqs", type=int, default=32, help="vLLM: sequences decoded together")
+    ap.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=0,
+        help="vLLM: tokens per engine step (0 = vLLM's default, 4,096 on CPU; the sampled workload's "
+        "8 x ~755 prompt tokens need more: README, the known vLLM CPU crash)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-doc-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=4, help="completions per prompt in the sampled (rollout) run")
