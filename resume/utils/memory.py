@@ -32,15 +32,17 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _libc_malloc_trim() -> Any:
+def _glibc(function: str) -> Any:
+    """glibc's `function` (malloc_trim, mallopt), or None where the C library lacks it (musl, macOS)."""
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return getattr(ctypes.CDLL(name), function) if name else None
+    except (OSError, AttributeError):
         return None
 
 
-_MALLOC_TRIM = _libc_malloc_trim()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
@@ -56,12 +58,7 @@ def set_mmap_threshold(mb: float | None) -> bool:
         return False
     if mb <= 0:
         raise ValueError(f"mmap_threshold_mb ({mb}) must be > 0, or null for glibc's default")
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(mb * 2**20)) == 1)
+    return _MALLOPT is not None and _MALLOPT(_M_MMAP_THRESHOLD, int(mb * 2**20)) == 1
 
 
 def release_memory() -> float:
