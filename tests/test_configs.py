@@ -153,6 +153,36 @@ def test_no_budget_overrides_an_ablation(compose_in_tmp, budget, ablation):
     assert {k: cfg[k] for k in own} == own
 
 
+# A budget's engine settings (`summarizer.backend.<engine>.<key>`) reach that engine and no other, so every
+# budget builds with every backend (cpu_study + summarizer/backend=hf raised a TypeError before).
+TINY_LLM = (
+    "+summarizer.config={model_type: llama, hidden_size: 64, num_hidden_layers: 1, num_attention_heads: 2,"
+    " num_key_value_heads: 2, intermediate_size: 64, max_position_embeddings: 2048}"
+)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("backend", ["hf", "vllm", "auto"])
+def test_every_budget_builds_with_every_generation_backend(compose_in_tmp, budget, backend):
+    if backend != "hf":
+        pytest.importorskip("vllm")
+    cfg = compose_in_tmp(
+        [f"budget={budget}", f"summarizer/backend={backend}", "summarizer.model=null", TINY_LLM]
+    )
+    built = instantiate(cfg.summarizer).backend
+    engine = "hf" if type(built).__name__ == "HFBackend" else "vllm"
+    assert engine == ("hf" if backend == "hf" else "vllm")
+    node = cfg.summarizer.backend
+    own = node.get(engine, {}) if backend != "auto" else node[engine]
+    settings = {k: v for k, v in own.items() if not k.startswith("_") and k not in ("hf", "vllm")}
+    for key, value in settings.items():
+        attr = {"dtype": "dtype_setting"}.get(key, key)
+        if hasattr(built, attr) and key not in ("engine_kwargs", "cache_dir"):
+            assert getattr(built, attr) == value, (budget, backend, key)
+    if engine == "vllm":
+        assert built.shape is not None  # the KV cache is planned from the summarizer's prompts
+
+
 PAPER = [e for e in EXPERIMENTS if e.startswith("paper_")]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import replace
+from itertools import pairwise
 
 import pytest
 import torch
@@ -332,3 +333,34 @@ def test_cpu_bf16_probe_is_measured_once_per_machine_and_can_be_forced(monkeypat
     devices.cpu_bf16_is_fast.cache_clear()
     assert devices.cpu_bf16_is_fast() is False  # no bf16 instructions: emulated, never measured
     devices.cpu_bf16_is_fast.cache_clear()
+
+
+def test_generation_shape_bounds_every_prompt_and_plans_the_kv_cache(summarizer):
+    """The shape a backend sizes memory from: the prefix every prompt shares, a prompt-length bound that
+    holds for documents past max_doc_tokens and long titles, and the larger max_new_tokens."""
+    few_shot = {"title": "an example", "text": "example words " * 30, "response": "Topic: x </think> y"}
+    module = copy.copy(summarizer)
+    module.prompt = replace(summarizer.prompt, examples=({**few_shot},), system="Be brief. " * 20)
+    shape = module.generation_shape()
+    tok = module.tokenizer
+
+    def ids(doc):
+        return tok(module.prompts_for([doc])[0], add_special_tokens=False)["input_ids"]
+
+    docs = [("short", "a b"), ("a title of twenty words " * 4, "gene cell " * 500), ("t", "protein")]
+    prompts = [ids(d) for d in docs]
+    common = min(next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in pairwise(prompts))
+    assert shape.prefix_tokens == common > 100  # system + few-shot turn, up to where the titles differ
+    assert max(len(p) for p in prompts) <= shape.max_prompt_tokens < max(len(p) for p in prompts) + 80
+    assert shape.max_new_tokens == max(
+        module.corpus_generation.max_new_tokens, module.rollout_generation.max_new_tokens
+    )
+    # the vLLM cache: the prefix's whole blocks once, then each sequence's own blocks
+    from resume.summarizer.generate import GenerationShape
+    from resume.summarizer.vllm_backend import planned_kv_tokens
+
+    assert planned_kv_tokens(GenerationShape(554, 800, 160), 16, block=128) == 512 + 16 * 4 * 128
+    assert planned_kv_tokens(GenerationShape(0, 100, 28), 2, block=128) == 2 * 128
+    assert planned_kv_tokens(GenerationShape(128, 129, 1), 3, block=128) == 128 + 3 * 128
+    with pytest.raises(ValueError, match="inconsistent"):
+        GenerationShape(10, 5, 1)

@@ -279,6 +279,55 @@ def test_heads_the_cpu_engine_cannot_run_are_refused_up_front():
         VLLMBackend(model, None)
 
 
+def test_a_cache_planned_for_the_job_decodes_every_sequence_at_once(monkeypatch):
+    """The KV cache sized from the summarizer's shape (shared few-shot prefix once, each sequence's own
+    document and completion) admits `max_num_seqs` sequences together with no preemption, from a cold
+    prefix cache, and gives HF generate's tokens, although it holds less than those sequences would need
+    without sharing their prefix."""
+    system = "You write search summaries. " + " ".join(f"rule{i} keep it short." for i in range(40))
+    overrides = [
+        *VLLM_TINY,
+        f"summarizer.prompt.system='{system}'",
+        "summarizer.config.max_position_embeddings=2048",
+        "summarizer.backend.max_model_len=2048",
+    ]
+    cfg = OmegaConf.create({"seed": 0, "summarizer": compose_node("summarizer", overrides)})
+    summarizer = instantiate(cfg.summarizer)
+    backend, shape = summarizer.backend, summarizer.backend.shape
+    block = vllm_backend.CPU_BLOCK_TOKENS
+    assert shape is not None and shape.prefix_tokens > 3 * block
+    planned = vllm_backend.planned_kv_tokens(shape, backend.max_num_seqs)
+    unshared = backend.max_num_seqs * -(-(shape.max_prompt_tokens + shape.max_new_tokens) // block) * block
+    assert planned < unshared / 2 and backend._kv_bytes() < unshared * vllm_backend.kv_bytes_per_token(
+        summarizer.model.config, backend.dtype
+    )
+    docs = [
+        (f"title {i}", " ".join(["protein", "cell", "gene", f"w{i}"] * 40))
+        for i in range(backend.max_num_seqs)
+    ]
+    llm = backend.engine()
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    running, preempted = [], []
+    schedule, preempt = scheduler.schedule, scheduler._preempt_request
+
+    def counting_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        running.append(len(scheduler.running))
+        return out
+
+    def counting_preempt(*args, **kwargs):
+        preempted.append(1)
+        return preempt(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "schedule", counting_schedule)
+    monkeypatch.setattr(scheduler, "_preempt_request", counting_preempt)
+    backend.reset_prefix_cache()  # cold: the prefix blocks are computed in the same step that shares them
+    engine, hf = greedy_pair(summarizer, docs, max_new_tokens=summarizer.corpus_generation.max_new_tokens)
+    assert max(running) == backend.max_num_seqs and not preempted
+    assert [c.token_ids for c in engine] == [c.token_ids for c in hf]
+    backend.release()
+
+
 def test_release_shuts_the_engine_down_now_and_the_next_call_starts_a_new_one(summarizer):
     """Last in this module (it ends the shared engine). vLLM 0.32's LLMEngine has no `shutdown`: an
     engine left to its exit handler keeps its memory until exit and, under torchrun, raised there."""

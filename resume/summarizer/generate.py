@@ -21,7 +21,7 @@ import contextlib
 import copy
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -109,6 +109,47 @@ def prompt_seed(seed: int, prompt_ids: Sequence[int]) -> int:
     return (seed * 1_000_003 + crc) % 2**63
 
 
+ENGINES = ("hf", "vllm")  # the backends' names in config: `summarizer/backend=hf|vllm|auto`
+
+
+def engine_settings(engine: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of `engine`'s backend from its config node.
+
+    `summarizer.backend.<engine>.<key>` (what a budget writes, e.g. `backend.vllm.max_num_seqs: 48`)
+    applies when `<engine>` is the backend being built, and the other engines' sections are dropped, so
+    one budget serves `summarizer/backend=hf`, `=vllm` and `=auto` alike (with `auto` the sections are the
+    two backends' own nodes).
+    """
+    out = {k: v for k, v in settings.items() if k not in ENGINES}
+    own = settings.get(engine)
+    if own is not None and not isinstance(own, Mapping):
+        raise TypeError(f"summarizer.backend.{engine} must be a mapping of {engine} settings, got {own!r}")
+    out.update(own or {})
+    return out
+
+
+@dataclass(frozen=True)
+class GenerationShape:
+    """The largest generation a summarizer asks of its backend, known before the first call.
+
+    - `prefix_tokens`: prompt tokens every prompt shares (system turn, few-shot turns), which an engine
+      with prefix caching stores once for all sequences;
+    - `max_prompt_tokens`: the longest prompt (the document cut at `max_doc_tokens`, a long title);
+    - `max_new_tokens`: the most tokens one completion may add (corpus or rollout settings).
+
+    A backend that sizes memory up front (vLLM's KV cache) plans with it; `SummarizerModule` computes it
+    from its prompt template and passes it to `backend.plan(shape)` when the backend has that method.
+    """
+
+    prefix_tokens: int
+    max_prompt_tokens: int
+    max_new_tokens: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prefix_tokens <= self.max_prompt_tokens or self.max_new_tokens < 1:
+            raise ValueError(f"inconsistent generation shape {self}")
+
+
 @dataclass
 class Completion:
     """One generated continuation of one prompt.
@@ -144,7 +185,8 @@ class GenerationBackend(Protocol):
 
     Optional methods a caller looks up with `getattr`: `sync_weights() -> float` (push the model's
     current weights into the engine now; seconds taken), `describe() -> dict` (what changes the output:
-    engine and dtype, part of the summary cache key) and `release()` (free the engine's memory).
+    engine and dtype, part of the summary cache key), `release()` (free the engine's memory) and
+    `plan(shape: GenerationShape)` (size memory for the largest call before the first one).
     """
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
@@ -211,6 +253,11 @@ class HFBackend:
       the prefix cache is a dynamic cache handed to `generate`). Decoding settings are not
       accepted here: they belong to `GenerationParams`.
     """
+
+    @classmethod
+    def from_config(cls, model: Any, tokenizer: Any, **settings: Any) -> HFBackend:
+        """Built from `summarizer.backend` (`conf/summarizer/backend/hf.yaml`): see `engine_settings`."""
+        return cls(model, tokenizer, **engine_settings("hf", settings))
 
     def __init__(
         self,

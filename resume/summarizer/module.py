@@ -18,7 +18,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from resume.summarizer.generate import Completion, GenerationBackend, GenerationParams, HFBackend
+from resume.summarizer.generate import (
+    Completion,
+    GenerationBackend,
+    GenerationParams,
+    GenerationShape,
+    HFBackend,
+)
 from resume.summarizer.parsing import SEPARATOR
 from resume.summarizer.prompts import PromptTemplate
 from resume.utils.devices import resolve_device, resolve_dtype
@@ -82,6 +88,9 @@ class SummarizerModule(pl.LightningModule):
         self.separator = separator
         self.name = name
         self.backend: GenerationBackend = (backend or HFBackend)(model, tokenizer)
+        plan = getattr(self.backend, "plan", None)
+        if callable(plan):  # an engine that sizes its memory up front (vLLM's KV cache)
+            plan(self.generation_shape())
 
     def backend_info(self) -> dict[str, Any]:
         """The engine and dtype that generate (part of the summary cache key: they change greedy output)."""
@@ -100,6 +109,22 @@ class SummarizerModule(pl.LightningModule):
             release()
 
     # ------------------------------------------------------------------ generation
+    def generation_shape(self, title_tokens: int = 64) -> GenerationShape:
+        """The largest call this summarizer makes: its prompts' shared prefix (system and few-shot turns),
+        the longest prompt (a document cut at `max_doc_tokens`, a title of up to `title_tokens` words;
+        titles are not cut) and the larger of the corpus and rollout `max_new_tokens`."""
+
+        def ids(title: str, text: str) -> list[int]:
+            prompt = self.prompt.render(self.tokenizer, title, text)
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+        a, b = ids("a", "a"), ids("b", "b")
+        prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        # " a" is one token in every tokenizer here: a title of `title_tokens` tokens, a body past the cut
+        longest = ids(" ".join(["a"] * title_tokens), " a" * (self.prompt.max_doc_tokens + 8))
+        new = max(self.corpus_generation.max_new_tokens, self.rollout_generation.max_new_tokens)
+        return GenerationShape(prefix_tokens=prefix, max_prompt_tokens=len(longest), max_new_tokens=new)
+
     def prompts_for(self, docs: Sequence[Doc]) -> list[str]:
         """Rendered prompt strings, one per (title, text)."""
         return [self.prompt.render(self.tokenizer, title, text) for title, text in docs]

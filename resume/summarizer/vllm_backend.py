@@ -35,7 +35,15 @@ from typing import Any
 
 import torch
 
-from resume.summarizer.generate import Completion, GenerationParams, HFBackend, prompt_seed, weights_version
+from resume.summarizer.generate import (
+    Completion,
+    GenerationParams,
+    GenerationShape,
+    HFBackend,
+    engine_settings,
+    prompt_seed,
+    weights_version,
+)
 from resume.utils.config import default_cache_dir
 from resume.utils.devices import dtype_name, generation_dtype
 
@@ -46,6 +54,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before any `impo
 _ENGINES: dict[tuple[Any, ...], Any] = {}  # engine key -> vllm.LLM
 _LOADED: dict[int, tuple[Any, ...]] = {}  # id(LLM) -> weights_version of the model whose weights it holds
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU_ATTN backend
+CPU_BLOCK_TOKENS = 128  # vLLM 0.32's KV-cache block on CPU (prefix caching shares whole blocks)
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -114,6 +123,19 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
+def planned_kv_tokens(shape: GenerationShape, max_num_seqs: int, block: int = CPU_BLOCK_TOKENS) -> int:
+    """KV-cache tokens for `max_num_seqs` sequences of the largest call `shape` describes, decoded together.
+
+    With prefix caching the whole blocks of the shared prefix (system and few-shot turns) are stored
+    once for every sequence (also for sequences admitted in the same step: vLLM caches a block's hash
+    when it allocates it); each sequence adds its own blocks for the rest of its prompt and its
+    completion. SmolLM2 at the `cpu_demo` budget: 512 + 16 x 512 tokens, not 16 x 1,536.
+    """
+    shared = shape.prefix_tokens // block * block
+    own = -(-(shape.max_prompt_tokens - shared + shape.max_new_tokens) // block) * block
+    return shared + max_num_seqs * own
+
+
 class VLLMBackend:
     """`GenerationBackend` on a vLLM engine built from the HF model's architecture; see the module docstring.
 
@@ -124,8 +146,10 @@ class VLLMBackend:
             1.5x the decode rate: worth it only for long jobs.
         max_num_seqs: sequences decoded together (vLLM's batch).
         max_model_len: prompt + completion tokens per sequence (capped at the model's limit); null = 2048.
-        kv_cache_gib: KV-cache space; null = room for `max_num_seqs` sequences of `max_model_len` tokens
-            (CPU), or what `gpu_memory_utilization` leaves (GPU). vLLM's CPU default is 4 GiB.
+        kv_cache_gib: KV-cache space; null = room for `max_num_seqs` sequences of the largest call the
+            summarizer plans for (`plan`: its shared prompt prefix once, each sequence's own document and
+            completion), or of `max_model_len` tokens without a plan, on CPU; what
+            `gpu_memory_utilization` leaves on a GPU. vLLM's CPU default is 4 GiB.
         gpu_memory_utilization: the share of GPU memory the engine may take (it shares the GPU with the
             trainer); ignored on CPU.
         enable_prefix_caching: reuse the KV blocks of shared prompt prefixes (the few-shot turns).
@@ -135,6 +159,11 @@ class VLLMBackend:
             the engine to start from (`<cache_dir>/engines/<architecture hash>`).
         engine_kwargs: more `vllm.LLM` arguments.
     """
+
+    @classmethod
+    def from_config(cls, model: Any, tokenizer: Any, **settings: Any) -> VLLMBackend:
+        """Built from `summarizer.backend` (`conf/summarizer/backend/vllm.yaml`): see `engine_settings`."""
+        return cls(model, tokenizer, **engine_settings("vllm", settings))
 
     def __init__(
         self,
@@ -187,6 +216,13 @@ class VLLMBackend:
         self._hf = HFBackend(model, tokenizer)  # encoding, EOS and pad ids exactly as HFBackend
         self.last_sync_seconds = 0.0
         self.syncs = 0
+        self.shape: GenerationShape | None = None
+        self._warned_shape = False
+
+    def plan(self, shape: GenerationShape) -> None:
+        """Size the KV cache for calls no larger than `shape` (before the engine starts; a later call that
+        is larger still runs, with fewer sequences decoded at once)."""
+        self.shape = shape
 
     # ------------------------------------------------------------------ engine
     @property
@@ -210,8 +246,12 @@ class VLLMBackend:
             return int(self.kv_cache_gib * 2**30)
         if torch.cuda.is_available():
             return None  # gpu_memory_utilization decides
-        need = kv_bytes_per_token(self.model.config, self.dtype) * self._model_len() * self.max_num_seqs
-        return max(64 * 2**20, int(need * 1.1))
+        tokens = self.max_num_seqs * self._model_len()
+        if self.shape is not None:
+            tokens = min(tokens, planned_kv_tokens(self.shape, self.max_num_seqs))
+        tokens = max(tokens, self._model_len())  # vLLM refuses a cache that cannot hold one whole sequence
+        need = kv_bytes_per_token(self.model.config, self.dtype) * tokens
+        return int(need * 1.1)
 
     def source(self) -> str:
         """What the engine starts from: the model's own folder or hub name, else a saved copy of it."""
@@ -305,12 +345,19 @@ class VLLMBackend:
 
     def release(self) -> None:
         """Free this backend's engine (the next `generate` starts a new one). Under torchrun the engine
-        is kept (with a warning): its shutdown would destroy the run's process group (`release_engines`)."""
+        is kept (with a warning): its shutdown would destroy the run's process group (`release_engines`).
+        With other engines alive in the process every engine is released: one engine's shutdown tears
+        down vLLM's process-wide parallel state, and the others then fail ("pipeline model parallel group
+        is not initialized"); they restart on their next use."""
         key = self.engine_key()
         if key not in _ENGINES:
             return
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             log.warning("vLLM engine kept: shutting it down under torchrun would end the run's process group")
+            return
+        if len(_ENGINES) > 1:
+            log.info("releasing all %d vLLM engines: they share vLLM's process-wide state", len(_ENGINES))
+            release_engines()
             return
         llm = _ENGINES.pop(key)
         _shutdown(llm)
@@ -370,6 +417,20 @@ class VLLMBackend:
                 f"{params.max_new_tokens} it exceeds summarizer.backend.max_model_len ({self._model_len()}); "
                 "raise max_model_len or lower summarizer.prompt.max_doc_tokens"
             )
+        shape = self.shape
+        if shape is not None and not self._warned_shape:
+            longest = max(len(e) for e in encoded)
+            if longest > shape.max_prompt_tokens or params.max_new_tokens > shape.max_new_tokens:
+                self._warned_shape = True
+                log.warning(
+                    "vLLM call larger than the KV cache was planned for (prompt %d > %d tokens or %d > %d "
+                    "new tokens): it runs with fewer sequences at once; set summarizer.backend.kv_cache_gib "
+                    "to size the cache yourself",
+                    longest,
+                    shape.max_prompt_tokens,
+                    params.max_new_tokens,
+                    shape.max_new_tokens,
+                )
         llm = self.engine()
         self.sync_weights()
         eos = self._hf.eos_ids()
@@ -405,15 +466,18 @@ class VLLMBackend:
         return results
 
 
-def auto_backend(model: Any, tokenizer: Any, *, hf: Any, vllm: Any) -> Any:
+def auto_backend(model: Any, tokenizer: Any, *, hf: Any, vllm: Any, **common: Any) -> Any:
     """The fastest backend this machine has: vLLM when it is installed, else `HFBackend` (with a warning).
 
-    `hf` and `vllm` are the two backends' settings: factories `(model, tokenizer) -> backend` (what Hydra
-    builds from `conf/summarizer/backend/auto.yaml`) or keyword mappings.
+    `hf` and `vllm` are the two backends' settings: factories `(model, tokenizer, **overrides) -> backend`
+    (what Hydra builds from `conf/summarizer/backend/auto.yaml`) or keyword mappings. `common` settings
+    (e.g. `summarizer.backend.dtype=fp32`) apply to whichever is built.
     """
 
     def build(spec: Any, cls: type) -> Any:
-        return spec(model, tokenizer) if callable(spec) else cls(model, tokenizer, **dict(spec))
+        if callable(spec):
+            return spec(model, tokenizer, **common)
+        return cls(model, tokenizer, **{**dict(spec), **common})
 
     if vllm_available():
         log.info("summarizer backend: vllm (auto)")
