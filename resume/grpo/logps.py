@@ -63,7 +63,9 @@ def _per_prompt_segment(
     all_logps, all_entropies = [], []
     for prompt, rows in packed.prompt_segments:
         ids, mask = completion_ids[rows], completion_mask[rows]
-        logits = segment_logits(model, prompt.to(device), ids, mask) / temperature
+        logits = segment_logits(model, prompt.to(device), ids, mask)
+        if temperature != 1.0:  # x / 1.0 is x: no [k, C, V] copy kept for the backward (~0.1 GB here)
+            logits = logits / temperature
         logps = selective_log_softmax(logits, ids)
         with torch.no_grad():
             entropies = entropy_from_logits(logits)

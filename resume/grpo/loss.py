@@ -476,7 +476,9 @@ def sequence_logps(
         logits = model(
             input_ids=ids, attention_mask=attn, logits_to_keep=logits_to_keep + 1, use_cache=False
         ).logits
-        logits = logits[:, :-1, :] / temperature
+        logits = logits[:, :-1, :]
+        if temperature != 1.0:  # x / 1.0 is x: no copy of the logits kept for the backward
+            logits = logits / temperature
         targets = ids[:, -logits_to_keep:]
         logps = selective_log_softmax(logits, targets)
         with torch.no_grad():

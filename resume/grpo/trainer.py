@@ -25,7 +25,7 @@ from resume.grpo.module import GRPOModule, OptimizerFactory, SchedulerFactory
 from resume.grpo.rollouts import RolloutBatches, split_validation
 from resume.utils import distributed
 from resume.utils.io import atomic_write_json
-from resume.utils.lightning import check_trainer_kwargs, make_trainer
+from resume.utils.lightning import check_trainer_kwargs, make_trainer, release_fit
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,9 @@ def run_grpo(
             trainer.fit(module, train_dataloaders=batches, ckpt_path=str(resume) if resume else None)
     finally:
         module.finalize()
-        # Lightning's trainer and module outlive this call (reference cycles through its connectors),
-        # so free what they hold explicitly: AdamW's two moments per weight and the reference copy.
-        for opt in trainer.optimizers:
-            opt.state.clear()
+        completed = trainer.global_step // config.num_iterations  # module.completed_steps, before detaching
+        # the trained summarizer would keep the trainer (and AdamW's two moments per weight) alive
+        release_fit(trainer, module)
         module.reference = None
         summarizer.to(device)
         summarizer.train(modes[0])
@@ -181,7 +180,7 @@ def run_grpo(
         write_history(module.history, history_path)
         plot_history(module.history, curves)
     stats = {
-        "steps": module.completed_steps,
+        "steps": completed,
         **history_stats(module.history),
         "seconds": round(seconds, 2),
         "resumed": resume is not None,

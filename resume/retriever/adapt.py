@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from resume.data import Split
 from resume.retriever.contrastive import ContrastiveModule
 from resume.retriever.sampler import UniqueDocBatchSampler
-from resume.utils.lightning import make_trainer
+from resume.utils.lightning import make_trainer, release_fit
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,7 @@ def adapt_retriever(
         retriever.to(device)
         retriever.train(was_training)
         retriever.zero_grad(set_to_none=True)  # the last step's gradients would stay resident all run
+        release_fit(trainer, module)  # ... and AdamW's moments, through the retriever's link to the trainer
     seconds = time.perf_counter() - t0
     metrics = trainer.callback_metrics
     stats = {
