@@ -461,6 +461,7 @@ class GRPOModule(pl.LightningModule):
                 norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
                 lrs.append(optimizer.optimizer.param_groups[0]["lr"])
                 optimizer.step()
+                optimizer.zero_grad()  # set to None: the next rollouts and weight sync run without them
                 if scheduler is not None:
                     scheduler.step()
             losses.append(pass_loss)
