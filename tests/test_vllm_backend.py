@@ -279,15 +279,17 @@ def test_heads_the_cpu_engine_cannot_run_are_refused_up_front():
         VLLMBackend(model, None)
 
 
+LONG_SYSTEM = "You write search summaries. " + " ".join(f"rule{i} keep it short." for i in range(40))
+
+
 def test_a_cache_planned_for_the_job_decodes_every_sequence_at_once(monkeypatch):
     """The KV cache sized from the summarizer's shape (shared few-shot prefix once, each sequence's own
     document and completion) admits `max_num_seqs` sequences together with no preemption, from a cold
     prefix cache, and gives HF generate's tokens, although it holds less than those sequences would need
     without sharing their prefix."""
-    system = "You write search summaries. " + " ".join(f"rule{i} keep it short." for i in range(40))
     overrides = [
         *VLLM_TINY,
-        f"summarizer.prompt.system='{system}'",
+        f"summarizer.prompt.system='{LONG_SYSTEM}'",
         "summarizer.config.max_position_embeddings=2048",
         "summarizer.backend.max_model_len=2048",
     ]
@@ -326,6 +328,37 @@ def test_a_cache_planned_for_the_job_decodes_every_sequence_at_once(monkeypatch)
     assert max(running) == backend.max_num_seqs and not preempted
     assert [c.token_ids for c in engine] == [c.token_ids for c in hf]
     backend.release()
+
+
+def test_one_engine_step_holds_every_token_its_cache_can(summarizer):
+    """vLLM 0.32's CPU runner fails ("CPU Generator does not use offset") on a seeded request whose prompt a
+    step splits; its default step budget (4,096 tokens) split the GRPO rollouts of 8 SmolLM2 prompts.
+    The engine's budget now covers its whole KV cache, so no prompt the cache admits is split
+    (`test_smollm2_seeded_sampling_over_the_default_step_budget` runs that call; this tiny model does not
+    reproduce the crash, so here the setting itself is checked)."""
+    backend = summarizer.backend
+    llm = backend.engine()
+    budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    kv_tokens = backend._kv_bytes() // vllm_backend.kv_bytes_per_token(summarizer.model.config, backend.dtype)
+    assert budget >= max(kv_tokens, backend._model_len(), vllm_backend.CPU_STEP_TOKENS)
+
+
+@pytest.mark.slow
+def test_smollm2_seeded_sampling_over_the_default_step_budget():
+    """The call that crashed vLLM 0.32's CPU runner with its default step budget (checked: it raises
+    `RuntimeError: CPU Generator does not use offset` with engine_kwargs.max_num_batched_tokens=4096):
+    8 SmolLM2 prompts of ~750 tokens, 4 seeded samples each, 32 sequences at once."""
+    torch.set_num_threads(2)
+    overrides = ["summarizer=smollm2", "summarizer/backend=vllm", "summarizer.backend.max_num_seqs=32"]
+    cfg = OmegaConf.create({"seed": 0, "summarizer": compose_node("summarizer", overrides)})
+    summarizer = instantiate(cfg.summarizer)
+    docs = [(f"title {i}", f"Proteins and cells in cohort study number {i}. " * 40) for i in range(8)]
+    prompts = summarizer.prompts_for(docs)
+    assert sum(len(ids) for ids in summarizer.backend._hf.encode(prompts)) > vllm_backend.CPU_STEP_TOKENS
+    params = GenerationParams(do_sample=True, max_new_tokens=16, num_return_sequences=4, seed=1)
+    groups = summarizer.backend.generate(prompts, params)
+    assert [len(g) for g in groups] == [4] * 8
+    summarizer.release_backend()
 
 
 def test_release_shuts_the_engine_down_now_and_the_next_call_starts_a_new_one(summarizer):

@@ -55,6 +55,7 @@ _ENGINES: dict[tuple[Any, ...], Any] = {}  # engine key -> vllm.LLM
 _LOADED: dict[int, tuple[Any, ...]] = {}  # id(LLM) -> weights_version of the model whose weights it holds
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU_ATTN backend
 CPU_BLOCK_TOKENS = 128  # vLLM 0.32's KV-cache block on CPU (prefix caching shares whole blocks)
+CPU_STEP_TOKENS = 4096  # vLLM 0.32's default max_num_batched_tokens on CPU
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -314,6 +315,11 @@ class VLLMBackend:
         kv = self._kv_bytes()
         if kv is not None:
             kwargs["kv_cache_memory_bytes"] = kv
+            # One step may take every token the cache can hold: vLLM 0.32's CPU runner fails ("CPU Generator
+            # does not use offset") on a seeded request whose prompt its default budget of 4,096 tokens a
+            # step splits (e.g. GRPO rollouts of 8 SmolLM2 prompts of ~750 tokens at once).
+            kv_tokens = kv // kv_bytes_per_token(self.model.config, self.dtype)
+            kwargs["max_num_batched_tokens"] = max(CPU_STEP_TOKENS, self._model_len(), kv_tokens)
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         kwargs.update(self.engine_kwargs)
