@@ -10,6 +10,7 @@ needs a nudge; a randomly initialised model moves by < 0.02 MRR@10 in 15 steps a
 from __future__ import annotations
 
 import csv
+import gc
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,17 @@ def test_extra_negatives_warmup_step_cap_and_checkpoint(compose_in_tmp, tmp_path
     )
     assert stats["retriever/train/steps"] == 3 and stats["retriever/train/loss"] > 0
     assert not retriever.training  # eval mode restored
+    # nothing of the fit outlives it through the retriever (Lightning links every inner LightningModule to
+    # its trainer): no optimizer holding AdamW moments of these weights stays alive
+    gc.collect()
+    weights = {id(p) for p in retriever.parameters()}
+    alive = [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, torch.optim.Optimizer)
+        and any(id(p) in weights for g in o.param_groups for p in g["params"])
+    ]
+    assert retriever._trainer is None and not alive
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["retriever/train/lr"]) for r in rows] == pytest.approx(

@@ -130,7 +130,8 @@ def planned_kv_tokens(shape: GenerationShape, max_num_seqs: int, block: int = CP
     With prefix caching the whole blocks of the shared prefix (system and few-shot turns) are stored
     once for every sequence (also for sequences admitted in the same step: vLLM caches a block's hash
     when it allocates it); each sequence adds its own blocks for the rest of its prompt and its
-    completion. SmolLM2 at the `cpu_demo` budget: 512 + 16 x 512 tokens, not 16 x 1,536.
+    completion. SmolLM2's few-shot prompt (554 shared tokens, <= 800 in all) with 160 new tokens, 16
+    sequences: 512 + 16 x 512 tokens, not 16 x 1,536.
     """
     shared = shape.prefix_tokens // block * block
     own = -(-(shape.max_prompt_tokens - shared + shape.max_new_tokens) // block) * block
@@ -423,8 +424,8 @@ class VLLMBackend:
                 f"{params.max_new_tokens} it exceeds summarizer.backend.max_model_len ({self._model_len()}); "
                 "raise max_model_len or lower summarizer.prompt.max_doc_tokens"
             )
-        shape = self.shape
-        if shape is not None and not self._warned_shape:
+        shape = self.shape if self.kv_cache_gib is None and not torch.cuda.is_available() else None
+        if shape is not None and not self._warned_shape:  # the cache was sized from it
             longest = max(len(e) for e in encoded)
             if longest > shape.max_prompt_tokens or params.max_new_tokens > shape.max_new_tokens:
                 self._warned_shape = True
