@@ -307,22 +307,24 @@ def test_a_cache_planned_for_the_job_decodes_every_sequence_at_once(monkeypatch)
         (f"title {i}", " ".join(["protein", "cell", "gene", f"w{i}"] * 40))
         for i in range(backend.max_num_seqs)
     ]
+    release_engines()  # this engine alone in the process: what the scheduler counts is its own
     llm = backend.engine()
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    scheduler_class = type(llm.llm_engine.engine_core.engine_core.scheduler)
     running, preempted = [], []
-    schedule, preempt = scheduler.schedule, scheduler._preempt_request
+    schedule, preempt = scheduler_class.schedule, scheduler_class._preempt_request
 
-    def counting_schedule(*args, **kwargs):
-        out = schedule(*args, **kwargs)
-        running.append(len(scheduler.running))
+    def counting_schedule(self, *args, **kwargs):
+        out = schedule(self, *args, **kwargs)
+        running.append(len(self.running))
         return out
 
-    def counting_preempt(*args, **kwargs):
+    def counting_preempt(self, *args, **kwargs):
         preempted.append(1)
-        return preempt(*args, **kwargs)
+        return preempt(self, *args, **kwargs)
 
-    monkeypatch.setattr(scheduler, "schedule", counting_schedule)
-    monkeypatch.setattr(scheduler, "_preempt_request", counting_preempt)
+    # on the class: the engine core may hold the bound method from before the patch
+    monkeypatch.setattr(scheduler_class, "schedule", counting_schedule)
+    monkeypatch.setattr(scheduler_class, "_preempt_request", counting_preempt)
     backend.reset_prefix_cache()  # cold: the prefix blocks are computed in the same step that shares them
     engine, hf = greedy_pair(summarizer, docs, max_new_tokens=summarizer.corpus_generation.max_new_tokens)
     assert max(running) == backend.max_num_seqs and not preempted
