@@ -232,6 +232,34 @@ def test_bad_lengths_and_engine_failures_name_the_setting(summarizer, monkeypatc
     assert backend.engine_key() not in vllm_backend._ENGINES  # nothing half-started is kept
 
 
+def test_the_step_budget_is_raised_on_cpu_only(summarizer, monkeypatch):
+    """The CPU runner's step budget covers the whole KV cache (see the test above); on a GPU vLLM sizes its
+    activation reserve from that budget, so there it keeps its own default, and `kv_cache_gib` (when set)
+    still sizes the cache."""
+    import vllm
+
+    seen = []
+
+    class Capture:
+        def __init__(self, **kwargs):
+            seen.append(kwargs)
+
+    monkeypatch.setattr(vllm, "LLM", Capture)
+    backend = VLLMBackend(
+        summarizer.model, summarizer.tokenizer, dtype="fp32", kv_cache_gib=0.25, max_num_seqs=3
+    )
+    per_token = vllm_backend.kv_bytes_per_token(summarizer.model.config, backend.dtype)
+    backend._start("unused")
+    assert seen[-1]["kv_cache_memory_bytes"] == 2**28
+    assert seen[-1]["max_num_batched_tokens"] == max(vllm_backend.CPU_STEP_TOKENS, 2**28 // per_token)
+    assert "gpu_memory_utilization" not in seen[-1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend._start("unused")
+    assert seen[-1]["kv_cache_memory_bytes"] == 2**28
+    assert "max_num_batched_tokens" not in seen[-1]
+    assert seen[-1]["gpu_memory_utilization"] == backend.gpu_memory_utilization
+
+
 @pytest.mark.slow
 @pytest.mark.real
 def test_smollm2_engine_generates_what_the_trained_hf_model_generates():
@@ -342,6 +370,7 @@ def test_one_engine_step_holds_every_token_its_cache_can(summarizer):
     llm = backend.engine()
     budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     kv_tokens = backend._kv_bytes() // vllm_backend.kv_bytes_per_token(summarizer.model.config, backend.dtype)
+    assert kv_tokens == backend._kv_tokens()
     assert budget >= max(kv_tokens, backend._model_len(), vllm_backend.CPU_STEP_TOKENS)
 
 

@@ -243,17 +243,25 @@ class VLLMBackend:
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         return int(min(self.max_model_len or 2048, limit))
 
-    def _kv_bytes(self) -> int | None:
+    def _kv_tokens(self) -> int | None:
+        """Tokens the KV cache holds: `kv_cache_gib`'s worth when set, else on CPU what the job was planned to
+        need (never less than one whole sequence, which vLLM requires); None on a GPU, where
+        `gpu_memory_utilization` decides."""
+        per_token = kv_bytes_per_token(self.model.config, self.dtype)
         if self.kv_cache_gib is not None:
-            return int(self.kv_cache_gib * 2**30)
+            return int(self.kv_cache_gib * 2**30) // per_token
         if torch.cuda.is_available():
-            return None  # gpu_memory_utilization decides
+            return None
         tokens = self.max_num_seqs * self._model_len()
         if self.shape is not None:
             tokens = min(tokens, planned_kv_tokens(self.shape, self.max_num_seqs))
-        tokens = max(tokens, self._model_len())  # vLLM refuses a cache that cannot hold one whole sequence
-        need = kv_bytes_per_token(self.model.config, self.dtype) * tokens
-        return int(need * 1.1)
+        return int(max(tokens, self._model_len()) * 1.1)
+
+    def _kv_bytes(self) -> int | None:
+        if self.kv_cache_gib is not None:
+            return int(self.kv_cache_gib * 2**30)
+        tokens = self._kv_tokens()
+        return None if tokens is None else tokens * kv_bytes_per_token(self.model.config, self.dtype)
 
     def source(self) -> str:
         """What the engine starts from: the model's own folder or hub name, else a saved copy of it."""
@@ -316,13 +324,14 @@ class VLLMBackend:
         kv = self._kv_bytes()
         if kv is not None:
             kwargs["kv_cache_memory_bytes"] = kv
-            # One step may take every token the cache can hold: vLLM 0.32's CPU runner fails ("CPU Generator
-            # does not use offset") on a seeded request whose prompt its default budget of 4,096 tokens a
-            # step splits (e.g. GRPO rollouts of 8 SmolLM2 prompts of ~750 tokens at once).
-            kv_tokens = kv // kv_bytes_per_token(self.model.config, self.dtype)
-            kwargs["max_num_batched_tokens"] = max(CPU_STEP_TOKENS, self._model_len(), kv_tokens)
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+        else:
+            # One step may take every token the cache can hold: vLLM 0.32's CPU runner fails ("CPU Generator
+            # does not use offset") on a seeded request whose prompt its default budget of 4,096 tokens a
+            # step splits (e.g. GRPO rollouts of 8 SmolLM2 prompts of ~750 tokens at once). CPU only: on a
+            # GPU the budget sizes the activations vLLM reserves, and its default is kept.
+            kwargs["max_num_batched_tokens"] = max(CPU_STEP_TOKENS, self._model_len(), self._kv_tokens() or 0)
         kwargs.update(self.engine_kwargs)
         t0 = time.perf_counter()
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
