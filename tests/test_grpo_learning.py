@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -208,46 +209,80 @@ def test_lora_trains_adapters_and_exports_merged_weights(compose_in_tmp, tmp_pat
     assert all("lora_" in k for k in ckpt["state_dict"])  # only the adapters are stored
 
 
+def _one_sgd_step(compose, out_dir, **changes) -> tuple[dict, torch.nn.Module]:
+    """The toy summarizer's weights before, and the model after, one GRPO step of 2 x 4 rollouts with
+    SGD at lr 1 (no clipping): the step is the gradient itself."""
+    cfg = toy_config(compose)
+    summarizer = instantiate(cfg.summarizer)
+    data = instantiate(cfg.data)
+    before = {n: p.detach().clone() for n, p in summarizer.model.named_parameters()}
+    config = GRPOConfig(
+        steps=1,
+        num_generations=4,
+        prompts_per_step=2,
+        max_new_tokens=8,
+        val_every=0,
+        log_completions_every=0,
+        checkpoint_every=0,
+        max_grad_norm=None,
+        **changes,
+    )
+    run_grpo(
+        summarizer,
+        WordStartReward(8),
+        data.corpus,
+        sorted(data.corpus),
+        out_dir=out_dir,
+        config=config,
+        optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+    )
+    return before, summarizer.model
+
+
+def _assert_same_step(before: dict, a: torch.nn.Module, b: torch.nn.Module) -> dict[str, float]:
+    """`b` took the step `a` took, relative to the step itself: two paths that sum the same terms in
+    another order move a weight by ~1e-6 on some CPUs (seen: 2.6e-6 on an AMD EPYC, for steps of 0.3 to
+    4.7, i.e. < 1e-6 of the step), while a wrong accumulation (e.g. mini-batches not rescaled) is off by a
+    sizeable fraction of the update. Returns each weight's largest move."""
+    updates = {n: (p.detach() - before[n]).abs().max().item() for n, p in a.named_parameters()}
+    assert max(updates.values()) > 1e-3  # the step moved the weights: the comparison means something
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        tol = 1e-4 * max(updates[name], 1e-3)
+        torch.testing.assert_close(q, p, rtol=0, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    return updates
+
+
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_mini_batches_accumulate_to_the_full_batch_gradient(compose_in_tmp, tmp_path, loss_type):
     """One optimizer step with mini_batch_size=3 (uneven: 3+3+2) equals one step on all 8 sequences."""
-    models, before = [], None
-    for mini in (None, 3):
-        cfg = toy_config(compose_in_tmp)
-        summarizer = instantiate(cfg.summarizer)
-        data = instantiate(cfg.data)
-        before = before or {n: p.detach().clone() for n, p in summarizer.model.named_parameters()}
-        config = GRPOConfig(
-            steps=1,
-            num_generations=4,
-            prompts_per_step=2,
-            mini_batch_size=mini,
-            loss_type=loss_type,
-            max_new_tokens=8,
-            val_every=0,
-            log_completions_every=0,
-            checkpoint_every=0,
-            max_grad_norm=None,
-        )
-        run_grpo(
-            summarizer,
-            WordStartReward(8),
-            data.corpus,
-            sorted(data.corpus),
-            out_dir=tmp_path / f"{loss_type}-{mini}",
-            config=config,
-            optimizer=functools.partial(torch.optim.SGD, lr=1.0),
-        )
-        models.append(summarizer.model)
-    # Compared relative to the step itself: the two paths sum the same terms in another order, which
-    # moves a weight by ~1e-6 on some CPUs (seen: 2.6e-6 on an AMD EPYC, for steps of 0.3 to 4.7, i.e.
-    # < 1e-6 of the step), while a wrong accumulation
-    # (e.g. mini-batches not rescaled) is off by a sizeable fraction of the update.
-    updates = {n: (a.detach() - before[n]).abs().max().item() for n, a in models[0].named_parameters()}
-    assert max(updates.values()) > 1e-3  # the step moved the weights: the comparison means something
-    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
-        tol = 1e-4 * max(updates[name], 1e-3)
-        torch.testing.assert_close(b, a, rtol=0, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    before, whole = _one_sgd_step(compose_in_tmp, tmp_path / "all", loss_type=loss_type, mini_batch_size=None)
+    _, mini = _one_sgd_step(compose_in_tmp, tmp_path / "mini", loss_type=loss_type, mini_batch_size=3)
+    _assert_same_step(before, whole, mini)
+
+
+def test_tied_gradient_in_place_takes_the_same_step(compose_in_tmp, tmp_path, monkeypatch):
+    """`tied_grad_in_place` (the tied embedding's gradient written straight into .grad) is engaged by the
+    module on one process and moves every weight as autograd's accumulation does (mini-batches 3+3+2)."""
+    import resume.grpo.module as grpo_module
+
+    engaged = []
+    original = grpo_module.tied_grad_in_place
+
+    @contextlib.contextmanager
+    def spy(model):
+        with original(model) as on:
+            engaged.append(on)
+            yield on
+
+    monkeypatch.setattr(grpo_module, "tied_grad_in_place", spy)
+    before, autograd = _one_sgd_step(
+        compose_in_tmp, tmp_path / "off", mini_batch_size=3, tied_grad_in_place=False
+    )
+    assert engaged == []
+    _, in_place = _one_sgd_step(compose_in_tmp, tmp_path / "on", mini_batch_size=3, tied_grad_in_place=True)
+    assert engaged == [True] * 3  # at each mini-batch's training forward
+    updates = _assert_same_step(before, autograd, in_place)
+    assert updates["model.embed_tokens.weight"] > 1e-3  # the tied weight itself moved
 
 
 def test_packing_puts_every_completion_in_the_last_columns():

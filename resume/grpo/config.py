@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = (
     "val_every",
     "val_max_docs",
     "checkpoint_every",
+    "tied_grad_in_place",
 )
 
 
@@ -65,6 +66,9 @@ class GRPOConfig:
     # log-probs and gradient as packing prompt + completion per row, for far fewer tokens. False = packed.
     shared_prompt: bool = True
     gradient_checkpointing: bool = False  # recompute activations in backward (conf/grpo/default.yaml: on)
+    # A tied embedding's two gradients go straight into .grad (resume/grpo/tied_grad.py): no 2 x [V, D]
+    # temporaries at the end of each backward. One process with whole weights only (else ignored).
+    tied_grad_in_place: bool = False
     lora: dict[str, Any] | None = None  # None = full fine-tuning; else {r, alpha, dropout, target_modules}
     log_completions_every: int = 10  # write a table of sample completions every N steps; 0 = never
     log_completions_rows: int = 32  # rows per table (whole groups first)

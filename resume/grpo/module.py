@@ -67,6 +67,7 @@ from resume.grpo.loss import (
     zero_variance_fraction,
 )
 from resume.grpo.rollouts import PackedBatch, doc_pair, pack_completions
+from resume.grpo.tied_grad import tied_grad_in_place
 from resume.summarizer.generate import Completion, GenerationParams
 from resume.utils import distributed
 from resume.utils.devices import dtype_name, seeded
@@ -429,7 +430,7 @@ class GRPOModule(pl.LightningModule):
             for i, (chunk, old_logps, ref_logps, (is_w, is_stats)) in enumerate(
                 zip(chunks, old, ref, weights)
             ):
-                with meter("forward"):
+                with meter("forward"), self._tied_grad():
                     logps, entropies = self._logps(self.policy, chunk)
                     loss, stats = grpo_loss(
                         logps,
@@ -476,6 +477,17 @@ class GRPOModule(pl.LightningModule):
         stats["train/lr"] = float(lrs[0])
         stats.update(meter.record("update_"))  # this rank's: time/update_forward, mem/update_forward_mb, ...
         return stats
+
+    def _tied_grad(self) -> Any:
+        """`tied_grad_in_place` around a training forward: one process holding whole weights only (its
+        `.grad` writes bypass DDP's, FSDP's and DeepSpeed's gradient hooks)."""
+        from pytorch_lightning.strategies import SingleDeviceStrategy
+
+        trainer = self._trainer
+        single = trainer is None or isinstance(trainer.strategy, SingleDeviceStrategy)
+        if self.config.tied_grad_in_place and single:
+            return tied_grad_in_place(self.policy)
+        return contextlib.nullcontext()
 
     def _no_sync(self, skip: bool) -> Any:
         """DDP's `no_sync` (gradients accumulate locally, no all-reduce) when `skip`; else nothing."""
