@@ -342,8 +342,9 @@ def _random_groups(gen: torch.Generator, groups, lengths: tuple[int, int]) -> li
 def test_each_prompt_once_gives_the_packed_log_probs_and_gradient(compose_in_tmp):
     """`shared_prompt_logps` (each prompt run once, its KV cache shared by the group) and
     `prefix_tree_logps` (the prompt and its group's completions as one masked sequence, under gradient
-    checkpointing) equal packing prompt + completion per row: log-probs, entropies and the gradient of a
-    GRPO loss, with groups of different prompt and completion lengths and a chunk that splits a group."""
+    checkpointing), each also with `chunked_head`, equal packing prompt + completion per row: log-probs,
+    entropies and the gradient of a GRPO loss, with groups of different prompt and completion lengths
+    and a chunk that splits a group."""
     from resume.grpo.logps import prefix_tree_logps, shared_prompt_logps
     from resume.grpo.loss import grpo_loss, sequence_logps
 
@@ -358,15 +359,16 @@ def test_each_prompt_once_gives_the_packed_log_probs_and_gradient(compose_in_tmp
             [4, 3] if chunk is completions else [2, 1]
         )
         results = []
-        for path in ("packed", "shared", "tree"):
+        for path in ("packed", "shared", "tree", "shared+chunked", "tree+chunked"):
             model.zero_grad()
+            chunked = path.endswith("+chunked")  # log-probs from hidden states, a few logit rows at a time
             if path == "packed":
                 logps, ent = sequence_logps(model, packed.input_ids, packed.attention_mask, packed.width, 0.7)
-            elif path == "shared":
-                logps, ent = shared_prompt_logps(model, packed, 0.7)
+            elif path.startswith("shared"):
+                logps, ent = shared_prompt_logps(model, packed, 0.7, chunked_head=chunked)
             else:  # no KV cache, so it runs under gradient checkpointing
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                logps, ent = prefix_tree_logps(model, packed, 0.7)
+                logps, ent = prefix_tree_logps(model, packed, 0.7, chunked_head=chunked)
                 model.gradient_checkpointing_disable()
             adv = advantages[: len(chunk)]
             loss, _ = grpo_loss(logps, logps.detach() + 0.05, adv, packed.completion_mask, loss_type="dapo")

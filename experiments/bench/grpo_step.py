@@ -80,6 +80,8 @@ def bench_ours(
         mini_batch_size=args.mini_batch,
         shared_prompt=shared_prompt,
         gradient_checkpointing=checkpointing,
+        tied_grad_in_place=True,  # conf/grpo/default.yaml's memory options (same gradient up to rounding)
+        chunked_head=shared_prompt,
     )
     with tempfile.TemporaryDirectory() as out:
         run_grpo(

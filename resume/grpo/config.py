@@ -24,6 +24,7 @@ RESUMABLE_CHANGES = (
     "val_max_docs",
     "checkpoint_every",
     "tied_grad_in_place",
+    "chunked_head",
 )
 
 
@@ -69,6 +70,10 @@ class GRPOConfig:
     # A tied embedding's two gradients go straight into .grad (resume/grpo/tied_grad.py): no 2 x [V, D]
     # temporaries at the end of each backward. One process with whole weights only (else ignored).
     tied_grad_in_place: bool = False
+    # Log-probs from the hidden states a few rows of logits at a time (resume/grpo/head_logps.py): no
+    # [tokens, V] logits kept for the backward. Needs shared_prompt, and a model whose logits are
+    # lm_head(hidden) (checked once; else HF's logits are used).
+    chunked_head: bool = False
     lora: dict[str, Any] | None = None  # None = full fine-tuning; else {r, alpha, dropout, target_modules}
     log_completions_every: int = 10  # write a table of sample completions every N steps; 0 = never
     log_completions_rows: int = 32  # rows per table (whole groups first)

@@ -14,26 +14,31 @@ the same attention pattern from one masked sequence instead. Both share the per-
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
+from resume.grpo.head_logps import head_logps
 from resume.grpo.rollouts import PackedBatch
 
-SegmentLogits = Callable[[torch.nn.Module, Tensor, Tensor, Tensor], Tensor]
+# (model, prompt, ids, mask, head) -> what predicts the [k, C] completion tokens: [k, C, V] logits, or with
+# head=True the [k, C, D] last hidden states that head_logps projects a few rows at a time
+SegmentOutputs = Callable[[torch.nn.Module, Tensor, Tensor, Tensor, bool], Tensor]
 
 
 def shared_prompt_logps(
-    model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0
+    model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0, chunked_head: bool = False
 ) -> tuple[Tensor, Tensor]:
     """`(logps, entropies)`, both `[B, C]` over `packed`'s completion columns, as `loss.sequence_logps`
-    returns them (padding 0, entropies detached), computed one prompt segment at a time."""
-    return _per_prompt_segment(model, packed, temperature, _cached_segment_logits)
+    returns them (padding 0, entropies detached), computed one prompt segment at a time. `chunked_head`:
+    from the hidden states through `head_logps`, without whole logits (only where `plain_head(model)`)."""
+    return _per_prompt_segment(model, packed, temperature, _cached_segment_logits, chunked_head)
 
 
 def prefix_tree_logps(
-    model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0
+    model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0, chunked_head: bool = False
 ) -> tuple[Tensor, Tensor]:
     """What `shared_prompt_logps` returns, computed without a KV cache, so that it runs under gradient
     checkpointing (which turns HF's cache off).
@@ -44,14 +49,18 @@ def prefix_tree_logps(
     That is the attention pattern of the cached path, so the log-probs and gradients are the same (up to
     rounding; tested), for the same `P + k (C - 1)` tokens through the model. Logits are taken only
     where a completion token is predicted."""
-    return _per_prompt_segment(model, packed, temperature, _tree_segment_logits)
+    return _per_prompt_segment(model, packed, temperature, _tree_segment_logits, chunked_head)
 
 
 def _per_prompt_segment(
-    model: torch.nn.Module, packed: PackedBatch, temperature: float, segment_logits: SegmentLogits
+    model: torch.nn.Module,
+    packed: PackedBatch,
+    temperature: float,
+    segment_outputs: SegmentOutputs,
+    chunked_head: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Log-probs and entropies of every prompt segment's rows, from `segment_logits(model, prompt,
-    ids, mask)`: the `[k, C, V]` logits predicting the segment's `[k, C]` completion tokens."""
+    """Log-probs and entropies of every prompt segment's rows, from `segment_outputs(model, prompt,
+    ids, mask, chunked_head)`: what predicts the segment's `[k, C]` completion tokens."""
     if temperature <= 0:
         raise ValueError(f"temperature ({temperature}) must be > 0")
     if not packed.prompt_segments:
@@ -63,44 +72,63 @@ def _per_prompt_segment(
     all_logps, all_entropies = [], []
     for prompt, rows in packed.prompt_segments:
         ids, mask = completion_ids[rows], completion_mask[rows]
-        logits = segment_logits(model, prompt.to(device), ids, mask)
-        if temperature != 1.0:  # x / 1.0 is x: no [k, C, V] copy kept for the backward (~0.1 GB here)
-            logits = logits / temperature
-        logps = selective_log_softmax(logits, ids)
-        with torch.no_grad():
-            entropies = entropy_from_logits(logits)
+        out = segment_outputs(model, prompt.to(device), ids, mask, chunked_head)
+        if chunked_head:
+            logps, entropies = head_logps(out, model.get_output_embeddings().weight, ids, temperature)
+        else:
+            logits = out if temperature == 1.0 else out / temperature  # no [k, C, V] copy at 1.0
+            logps = selective_log_softmax(logits, ids)
+            with torch.no_grad():
+                entropies = entropy_from_logits(logits)
         padding = mask == 0
         all_logps.append(logps.masked_fill(padding, 0.0))
         all_entropies.append(entropies.masked_fill(padding, 0.0))
     return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0)
 
 
-def _cached_segment_logits(model: torch.nn.Module, prompt: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+def _outputs(model: torch.nn.Module, head: bool, logits_to_keep: int | Tensor = 0, **inputs: Any) -> Tensor:
+    """The model's logits at `logits_to_keep` (HF's meaning: an int keeps the last ones, 0 all, a tensor
+    those positions), or with `head` its decoder's last hidden states there."""
+    if not head:
+        return model(**inputs, logits_to_keep=logits_to_keep).logits
+    hidden = model.get_decoder()(**inputs).last_hidden_state
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+    return hidden[:, logits_to_keep]
+
+
+def _cached_segment_logits(
+    model: torch.nn.Module, prompt: Tensor, ids: Tensor, mask: Tensor, head: bool = False
+) -> Tensor:
     """The prompt once, its KV cache repeated for the `k` rows, the completions on top of it."""
     from transformers import DynamicCache
 
     k, length = ids.shape
     device = ids.device
     cache = DynamicCache(config=model.config)
-    first = model(input_ids=prompt[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    logits = first.expand(k, 1, first.size(-1))  # [k, 1, V]: predicts each row's first completion token
+    first = _outputs(model, head, 1, input_ids=prompt[None], past_key_values=cache, use_cache=True)
+    logits = first.expand(k, 1, first.size(-1))  # [k, 1, V or D]: predicts each row's first completion token
     if length > 1:
         cache.batch_repeat_interleave(k)
         p = prompt.numel()
         attention = torch.cat([torch.ones((k, p), dtype=mask.dtype, device=device), mask[:, :-1]], dim=1)
         positions = torch.arange(p, p + length - 1, device=device).expand(k, -1)
-        rest = model(
+        rest = _outputs(
+            model,
+            head,
             input_ids=ids[:, :-1],
             attention_mask=attention,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-        ).logits  # [k, C - 1, V]
+        )  # [k, C - 1, V or D]
         logits = torch.cat([logits, rest], dim=1)
     return logits
 
 
-def _tree_segment_logits(model: torch.nn.Module, prompt: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+def _tree_segment_logits(
+    model: torch.nn.Module, prompt: Tensor, ids: Tensor, mask: Tensor, head: bool = False
+) -> Tensor:
     """The prompt and the `k` completions as one prefix-tree sequence (see `prefix_tree_logps`)."""
     k, length = ids.shape
     device = ids.device
@@ -110,13 +138,15 @@ def _tree_segment_logits(model: torch.nn.Module, prompt: Tensor, ids: Tensor, ma
     attend = _prefix_tree_mask(p, k, c, device)
     # the prompt's last position predicts every row's first token; row r's j-th fed token its (j+1)-th
     keep = torch.cat([torch.tensor([p - 1]), p + torch.arange(k * c)]).to(device)
-    out = model(
+    out = _outputs(
+        model,
+        head,
+        keep,
         input_ids=inputs,
         attention_mask=_as_model_mask(model, attend),
         position_ids=positions,
         use_cache=False,
-        logits_to_keep=keep,
-    ).logits[0]  # [1 + k c, V]
+    )[0]  # [1 + k c, V or D]
     first = out[:1].expand(k, -1)[:, None]  # [k, 1, V]
     return torch.cat([first, out[1:].view(k, c, -1)], dim=1) if c else first
 

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from resume.grpo.config import RESUMABLE_CHANGES, GRPOConfig
+from resume.grpo.head_logps import plain_head
 from resume.grpo.history import finite, merge_stats, sample_rows, write_history, write_samples
 from resume.grpo.logps import prefix_tree_logps, shared_prompt_logps
 from resume.grpo.lora import add_lora
@@ -338,7 +339,8 @@ class GRPOModule(pl.LightningModule):
         if self.config.shared_prompt:
             tree = self.config.gradient_checkpointing and model.training
             path = prefix_tree_logps if tree else shared_prompt_logps
-            return path(model, packed, self.rollout.temperature)
+            chunked = self.config.chunked_head and plain_head(model)
+            return path(model, packed, self.rollout.temperature, chunked_head=chunked)
         return sequence_logps(
             model,
             packed.input_ids.to(self.device),

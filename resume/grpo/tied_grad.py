@@ -25,6 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_IN_PLACE: set[int] = set()  # ids of the weights whose gradient is accumulated in place right now
+
+
+def accumulates_in_place(weight: Tensor) -> bool:
+    """Whether a forward run now should put `weight`'s gradient straight into `.grad` (inside
+    `tied_grad_in_place` of its model), as `head_logps` does for the projection."""
+    return id(weight) in _IN_PLACE
+
 
 def _accumulate(weight: Tensor, update: Tensor) -> None:
     if weight.grad is None:
@@ -110,7 +118,9 @@ def tied_grad_in_place(model: torch.nn.Module) -> Iterator[bool]:
     embedding, projection = model.get_input_embeddings(), model.get_output_embeddings()
     embedding.forward = lambda ids: _Lookup.apply(ids, embedding.weight, embedding.padding_idx)
     projection.forward = lambda hidden: _Project.apply(hidden, projection.weight)
+    _IN_PLACE.add(id(weight))
     try:
         yield True
     finally:
+        _IN_PLACE.discard(id(weight))
         del embedding.forward, projection.forward
