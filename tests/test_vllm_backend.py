@@ -148,7 +148,16 @@ def test_lora_adapters_reach_the_engine_merged():
     )
 
 
-def test_grpo_rollouts_come_from_the_engine_with_weights_synced_every_step(compose_in_tmp, tmp_path):
+def test_grpo_rollouts_come_from_the_engine_with_weights_synced_every_step(
+    compose_in_tmp, tmp_path, monkeypatch
+):
+    from resume.grpo.module import GRPOModule
+
+    passes = []  # whether each log-prob pass tracked gradients
+    logps = GRPOModule._logps
+    monkeypatch.setattr(
+        GRPOModule, "_logps", lambda self, *a: passes.append(torch.is_grad_enabled()) or logps(self, *a)
+    )
     cfg = toy_config(compose_in_tmp, extra=VLLM_TINY[1:])
     summarizer = instantiate(cfg.summarizer)
     assert isinstance(summarizer.backend, VLLMBackend)
@@ -186,6 +195,8 @@ def test_grpo_rollouts_come_from_the_engine_with_weights_synced_every_step(compo
     for h in history:  # fp32 engine, fp32 policy, synced: on-policy up to float noise
         assert math.isclose(h["train/is_ratio_mean"], 1.0, abs_tol=1e-3), h
         assert h["train/logp_difference_max"] < 1e-3
+    # mu = 1: the correction's policy log-probs are the training forward's, with no extra no-grad pass
+    assert len(passes) == steps and all(passes)
     engine, hf = greedy_pair(summarizer, make_docs())
     assert [c.token_ids for c in engine] == [c.token_ids for c in hf]  # the trained weights
 

@@ -401,26 +401,19 @@ class GRPOModule(pl.LightningModule):
         is_mode = self.importance_sampling_mode(completions)
         meter = PhaseMeter()
         meter.mark("start")
-        # The sampling policy's log-probs: needed off-policy (mu > 1, another engine).
+        # The log-probs of the policy before this batch's update: a pass of their own only when mu > 1.
+        # At mu = 1 the training forward runs on those same weights, so its detached log-probs are them
+        # (TRL's on-policy shortcut), and the off-policy weights of another engine are taken from it.
         with torch.no_grad(), meter("old_logps"):
-            need_old = cfg.num_iterations > 1 or is_mode is not None
+            need_old = cfg.num_iterations > 1
             old = [self._logps(self.policy, ch)[0] if need_old else None for ch in chunks]
         with meter("ref_logps"):
             ref = [self._reference_logps(ch) if cfg.beta > 0 else None for ch in chunks]
-        weights: list[tuple[Tensor | None, dict[str, float]]] = [(None, {})] * len(chunks)
+        weights: list[tuple[Tensor | None, dict[str, float]] | None] = [(None, {})] * len(chunks)
         if is_mode is not None:
-            weights = []
-            for chunk, old_logps in zip(chunks, old):
-                assert chunk.sampling_logps is not None and old_logps is not None
-                w, w_stats = importance_weights(
-                    old_logps,
-                    chunk.sampling_logps.to(self.device),
-                    chunk.completion_mask.to(self.device),
-                    mode=is_mode,
-                    cap=cfg.importance_sampling_cap,
-                    floor=cfg.importance_sampling_floor,
-                )
-                weights.append((w, {f"train/{k}": v for k, v in w_stats.items()}))
+            weights = [
+                self._is_weights(c, o, is_mode) if o is not None else None for c, o in zip(chunks, old)
+            ]
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
@@ -429,11 +422,13 @@ class GRPOModule(pl.LightningModule):
         for _ in range(cfg.num_iterations):
             optimizer.zero_grad()
             pass_loss = 0.0
-            for i, (chunk, old_logps, ref_logps, (is_w, is_stats)) in enumerate(
-                zip(chunks, old, ref, weights)
-            ):
+            for i, (chunk, old_logps, ref_logps, chunk_weights) in enumerate(zip(chunks, old, ref, weights)):
                 with meter("forward"), self._tied_grad():
                     logps, entropies = self._logps(self.policy, chunk)
+                    if chunk_weights is None:  # mu = 1, off-policy engine: from this forward's log-probs
+                        assert is_mode is not None
+                        chunk_weights = self._is_weights(chunk, logps.detach(), is_mode)
+                    is_w, is_stats = chunk_weights
                     loss, stats = grpo_loss(
                         logps,
                         old_logps,
@@ -479,6 +474,23 @@ class GRPOModule(pl.LightningModule):
         stats["train/lr"] = float(lrs[0])
         stats.update(meter.record("update_"))  # this rank's: time/update_forward, mem/update_forward_mb, ...
         return stats
+
+    def _is_weights(
+        self, chunk: PackedBatch, policy_logps: Tensor, mode: str
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Truncated importance weights of `chunk`'s tokens: the policy's log-probs before the update
+        against the engine's sampling log-probs (`loss.importance_weights`), and their statistics."""
+        assert chunk.sampling_logps is not None
+        cfg = self.config
+        w, w_stats = importance_weights(
+            policy_logps,
+            chunk.sampling_logps.to(self.device),
+            chunk.completion_mask.to(self.device),
+            mode=mode,
+            cap=cfg.importance_sampling_cap,
+            floor=cfg.importance_sampling_floor,
+        )
+        return w, {f"train/{k}": v for k, v in w_stats.items()}
 
     def _tied_grad(self) -> Any:
         """`tied_grad_in_place` around a training forward: one process holding whole weights only (its
