@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from resume.grpo.tied_grad import accumulates_in_place
+from resume.grpo.tied_grad import accumulates_in_place, add_product_to_grad
 
 _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
@@ -50,15 +50,9 @@ class _HeadLogps(torch.autograd.Function):
     def backward(ctx: Any, grad_logps: Tensor, _grad_entropies: Tensor) -> tuple[Tensor | None, ...]:
         hidden, targets, lse = ctx.saved_tensors
         weight: Tensor = ctx.weight
-        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.in_place
-        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
-        grad_weight = None
-        if needs_weight and ctx.in_place:
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            grad_weight = weight.grad
-        elif needs_weight:
-            grad_weight = torch.zeros_like(weight)
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        # autograd's gradient for the weight, unless it goes straight into .grad (tied_grad_in_place)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] and not ctx.in_place else None
         for i in range(0, hidden.size(0), ctx.rows):
             h = hidden[i : i + ctx.rows]
             # d logp / d logits = onehot(target) - softmax, times the incoming gradient, / temperature
@@ -69,9 +63,11 @@ class _HeadLogps(torch.autograd.Function):
             g = g.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[i : i + ctx.rows] = g @ weight.to(g.dtype)
-            if grad_weight is not None:
+            if ctx.in_place:
+                add_product_to_grad(weight, g.t(), h)
+            elif grad_weight is not None:
                 grad_weight.addmm_(g.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
-        return grad_hidden, (None if ctx.in_place else grad_weight), None, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def _logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:

@@ -409,11 +409,6 @@ class GRPOModule(pl.LightningModule):
             old = [self._logps(self.policy, ch)[0] if need_old else None for ch in chunks]
         with meter("ref_logps"):
             ref = [self._reference_logps(ch) if cfg.beta > 0 else None for ch in chunks]
-        weights: list[tuple[Tensor | None, dict[str, float]] | None] = [(None, {})] * len(chunks)
-        if is_mode is not None:
-            weights = [
-                self._is_weights(c, o, is_mode) if o is not None else None for c, o in zip(chunks, old)
-            ]
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
@@ -422,13 +417,13 @@ class GRPOModule(pl.LightningModule):
         for _ in range(cfg.num_iterations):
             optimizer.zero_grad()
             pass_loss = 0.0
-            for i, (chunk, old_logps, ref_logps, chunk_weights) in enumerate(zip(chunks, old, ref, weights)):
+            for i, (chunk, old_logps, ref_logps) in enumerate(zip(chunks, old, ref)):
                 with meter("forward"), self._tied_grad():
                     logps, entropies = self._logps(self.policy, chunk)
-                    if chunk_weights is None:  # mu = 1, off-policy engine: from this forward's log-probs
-                        assert is_mode is not None
-                        chunk_weights = self._is_weights(chunk, logps.detach(), is_mode)
-                    is_w, is_stats = chunk_weights
+                    is_w, is_stats = None, {}
+                    if is_mode is not None:  # against the policy before the update (at mu = 1: this forward)
+                        before = logps.detach() if old_logps is None else old_logps
+                        is_w, is_stats = self._is_weights(chunk, before, is_mode)
                     loss, stats = grpo_loss(
                         logps,
                         old_logps,

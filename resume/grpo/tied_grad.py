@@ -34,11 +34,13 @@ def accumulates_in_place(weight: Tensor) -> bool:
     return id(weight) in _IN_PLACE
 
 
-def _accumulate(weight: Tensor, update: Tensor) -> None:
+def add_product_to_grad(weight: Tensor, a: Tensor, b: Tensor) -> None:
+    """`weight.grad += a @ b`, the product written into `.grad` itself once it exists (`addmm_`): no
+    `[V, D]` temporary. The first contribution becomes `.grad`, as autograd's accumulation does."""
     if weight.grad is None:
-        weight.grad = update.to(weight.dtype)
+        weight.grad = (a @ b).to(weight.dtype)
     else:
-        weight.grad.add_(update)
+        weight.grad.addmm_(a.to(weight.grad.dtype), b.to(weight.grad.dtype))
 
 
 class _Lookup(torch.autograd.Function):
@@ -75,13 +77,7 @@ class _Project(torch.autograd.Function):
         weight: Tensor = ctx.weight
         grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
         g = grad_logits.reshape(-1, grad_logits.size(-1))
-        h = hidden.reshape(-1, hidden.size(-1))
-        if weight.grad is None:
-            weight.grad = (g.t() @ h).to(weight.dtype)
-        elif g.dtype == weight.grad.dtype and h.dtype == weight.grad.dtype:
-            weight.grad.addmm_(g.t(), h)  # the product lands in .grad: no [V, D] temporary
-        else:
-            _accumulate(weight, g.t() @ h)
+        add_product_to_grad(weight, g.t(), hidden.reshape(-1, hidden.size(-1)))
         return grad_hidden, None
 
 
