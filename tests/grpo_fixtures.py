@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 import yaml
 from hydra.utils import instantiate
@@ -95,3 +97,19 @@ class ShapedReward:
     def compute(self, completions: Sequence[str], doc_ids: Sequence[str]) -> Any:
         batch = self.base.compute(completions, doc_ids)
         return replace(batch, total=batch.total + self.bonus.compute(completions, doc_ids).total)
+
+
+class AtTrainEnd(pl.Callback):
+    """Test-only: when training ends, save the final state to `save_to` (`run_grpo` writes no checkpoint
+    of the last step, the export supersedes it) and note the step of the mid-round `last.ckpt` in
+    `checkpoints`, which `run_grpo` deletes after the export."""
+
+    def __init__(self, save_to: Path, checkpoints: Path | None = None) -> None:
+        self.save_to, self.checkpoints = Path(save_to), checkpoints
+        self.last_checkpoint_step: int | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        trainer.save_checkpoint(self.save_to)
+        last = self.checkpoints / "last.ckpt" if self.checkpoints is not None else None
+        if last is not None and last.is_file():
+            self.last_checkpoint_step = torch.load(last, weights_only=False)["global_step"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from grpo_fixtures import ShapedReward, retrieval_reward, toy_config
+from grpo_fixtures import AtTrainEnd, ShapedReward, retrieval_reward, toy_config
 from hydra.utils import instantiate
 
 from resume.grpo import GRPOConfig, run_grpo
@@ -82,7 +82,8 @@ def _config(**changes) -> GRPOConfig:
 
 def test_resume_matches_uninterrupted_run(compose_in_tmp, retriever, tmp_path):
     config = _config()
-    full_stats, full_model = _run(compose_in_tmp, retriever, tmp_path / "full", config)
+    ends = {run: AtTrainEnd(tmp_path / f"{run}.ckpt") for run in ("full", "resumed")}
+    full_stats, full_model = _run(compose_in_tmp, retriever, tmp_path / "full", config, [ends["full"]])
     initial = instantiate(toy_config(compose_in_tmp).summarizer).model
     assert all(not torch.equal(p, q) for p, q in zip(full_model.parameters(), initial.parameters()))
 
@@ -90,11 +91,18 @@ def test_resume_matches_uninterrupted_run(compose_in_tmp, retriever, tmp_path):
         _run(compose_in_tmp, retriever, tmp_path / "resumed", config, [CrashAt(N * config.num_iterations)])
     partial = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert partial["global_step"] == N * config.num_iterations
-    resumed_stats, resumed_model = _run(compose_in_tmp, retriever, tmp_path / "resumed", config)
+    resumed_stats, resumed_model = _run(
+        compose_in_tmp, retriever, tmp_path / "resumed", config, [ends["resumed"]]
+    )
 
     assert resumed_stats["resumed"] and not full_stats["resumed"]
-    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
-    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    # the exported summarizer supersedes the mid-round checkpoints
+    assert (
+        not (tmp_path / "full" / "checkpoints").exists()
+        and not (tmp_path / "resumed" / "checkpoints").exists()
+    )
+    full = torch.load(tmp_path / "full.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed.ckpt", weights_only=False)
     assert full["global_step"] == resumed["global_step"] == 2 * N * config.num_iterations
     assert resumed_stats["steps"] == full_stats["steps"] == 2 * N
 
@@ -107,7 +115,7 @@ def test_resume_matches_uninterrupted_run(compose_in_tmp, retriever, tmp_path):
             torch.testing.assert_close(resumed_state[index][name], full_state[index][name], rtol=0, atol=1e-7)
     assert full["lr_schedulers"][0]["last_epoch"] == resumed["lr_schedulers"][0]["last_epoch"]
 
-    # final weights, in memory and in the checkpoints
+    # final weights, in memory and in the final states
     for (name, a), (_, b) in zip(full_model.named_parameters(), resumed_model.named_parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
     assert full["state_dict"].keys() == resumed["state_dict"].keys()
@@ -129,8 +137,9 @@ def _without_times(history: list[dict]) -> list[dict]:
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(compose_in_tmp, retriever, tmp_path):
-    config = _config(steps=1, num_iterations=1, beta=0.0, val_every=0, log_completions_every=0)
-    _run(compose_in_tmp, retriever, tmp_path / "run", config)
+    config = _config(steps=2, num_iterations=1, beta=0.0, val_every=0, log_completions_every=0)
+    with pytest.raises(Crash):  # killed after step 1's checkpoint
+        _run(compose_in_tmp, retriever, tmp_path / "run", config, [CrashAt(1)])
     with pytest.raises(ValueError, match="other settings"):
         _run(
             compose_in_tmp,

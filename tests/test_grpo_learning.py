@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from grpo_fixtures import WordStartReward, group, retrieval_reward, toy_config
+from grpo_fixtures import AtTrainEnd, WordStartReward, group, retrieval_reward, toy_config
 from hydra.utils import instantiate
 from pytorch_lightning.loggers import CSVLogger
 
@@ -120,6 +120,7 @@ def test_every_piece_with_the_retrieval_reward(compose_in_tmp, tmp_path):
     reward = retrieval_reward(cfg, data, instantiate(cfg.retriever))
     grpo = instantiate(cfg.grpo)  # conf/grpo/tiny.yaml: a run_grpo factory
     out = tmp_path / "grpo"
+    end = AtTrainEnd(tmp_path / "final.ckpt", out / "checkpoints")
     stats = grpo(
         summarizer,
         reward,
@@ -127,6 +128,7 @@ def test_every_piece_with_the_retrieval_reward(compose_in_tmp, tmp_path):
         out_dir=out,
         loggers=[CSVLogger(tmp_path / "logs", name="grpo")],
         val_fraction=0.2,
+        trainer_kwargs={**grpo.keywords["trainer_kwargs"], "callbacks": [end]},
     )
 
     with open(next((tmp_path / "logs").rglob("metrics.csv"))) as f:
@@ -152,8 +154,9 @@ def test_every_piece_with_the_retrieval_reward(compose_in_tmp, tmp_path):
         "advantage",
     } <= set(rows[0])
     assert not (out / "samples" / "step_0001.jsonl").exists()
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 3 * 2  # mu optimizer steps per GRPO step; saved at the end too
+    # mu optimizer steps per GRPO step: written at step 2 (global 4), not after the last (the export),
+    # and deleted once the summarizer is exported
+    assert end.last_checkpoint_step == 2 * 2 and not (out / "checkpoints").exists()
     assert (
         stats["steps"] == 3
         and stats["val_docs"] == 3
@@ -199,13 +202,14 @@ def test_lora_trains_adapters_and_exports_merged_weights(compose_in_tmp, tmp_pat
         out_dir=tmp_path / "lora",
         config=config,
         optimizer=_adamw(1e-2),
+        trainer_kwargs={"callbacks": [AtTrainEnd(tmp_path / "lora.ckpt")]},
     )
     after = dict(summarizer.model.named_parameters())
     assert after.keys() == before.keys()  # merged and unloaded: no adapter left
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all("q_proj" in n or "v_proj" in n for n in changed), changed
     assert all(p.requires_grad for p in after.values())  # handed back as it came
-    ckpt = torch.load(tmp_path / "lora" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "lora.ckpt", weights_only=False)
     assert all("lora_" in k for k in ckpt["state_dict"])  # only the adapters are stored
 
 

@@ -79,7 +79,7 @@ class GRPOConfig:
     log_completions_rows: int = 32  # rows per table (whole groups first)
     val_every: int = 10  # greedy validation every N steps (step 0 and the end included); 0 = never
     val_max_docs: int | None = 32  # cap on the held-out validation documents
-    checkpoint_every: int = 10  # write checkpoints/last.ckpt every N steps (and at the end); 0 = never
+    checkpoint_every: int = 10  # checkpoints/last.ckpt every N steps (not the last: the export); 0 = never
     seed: int = 0  # rollout sampling, negatives, dropout and document order all derive from it
     # Sampling seeds per prompt (the step's seed and the prompt's tokens) rather than per generate call: a
     # prompt's samples then do not depend on which rank, or which batch, generates it, so N ranks equal

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -74,8 +75,9 @@ def run_grpo(
         doc_ids: the documents to train on (default: `reward.rewardable_doc_ids()`); a seeded
             `val_fraction` of them (at most `config.val_max_docs`; none when `config.val_every` is 0) is
             held out for validation.
-        out_dir: checkpoints (`checkpoints/last.ckpt`: a rerun resumes from it), samples, history,
-            curves and the exported summarizer.
+        out_dir: checkpoints (`checkpoints/last.ckpt`, every `config.checkpoint_every` steps: a rerun
+            resumes from it; removed once the summarizer is exported), samples, history, curves and
+            the exported summarizer.
         config: hyper-parameters (`GRPOConfig`).
         optimizer: factory `params -> Optimizer` (default AdamW, lr 1e-6, no weight decay).
         scheduler: factory `(optimizer, total_steps=) -> LRScheduler` (`lr_schedule`); None = constant.
@@ -193,5 +195,7 @@ def run_grpo(
     if trainer.is_global_zero:
         atomic_write_json(out_dir / "grpo_stats.json", stats)
     distributed.barrier()  # the exported summarizer is on disk before any rank reads it
+    if trainer.is_global_zero:  # the export supersedes the mid-round checkpoints
+        shutil.rmtree(checkpoint.dirpath, ignore_errors=True)
     log.info("GRPO finished: %s", {k: v for k, v in stats.items() if not isinstance(v, str)})
     return stats
