@@ -349,8 +349,8 @@ def test_each_prompt_once_gives_the_packed_log_probs_and_gradient(compose_in_tmp
     checkpointing), each also with `chunked_head`, equal packing prompt + completion per row: log-probs,
     entropies and the gradient of a GRPO loss, with groups of different prompt and completion lengths
     and a chunk that splits a group."""
-    from resume.grpo.logps import prefix_tree_logps, shared_prompt_logps
-    from resume.grpo.loss import grpo_loss, sequence_logps
+    from resume.grpo.logps import prefix_tree_logps, sequence_logps, shared_prompt_logps
+    from resume.grpo.loss import grpo_loss
 
     summarizer = instantiate(toy_config(compose_in_tmp).summarizer)
     model = summarizer.model.train()

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from resume.grpo import GRPOConfig, run_grpo
+from resume.grpo.logps import sequence_logps
 from resume.grpo.lora import add_lora
-from resume.grpo.loss import sequence_logps
 from resume.grpo.rollouts import pack_completions
 from resume.summarizer import vllm_backend
 from resume.summarizer.generate import GenerationParams, HFBackend

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from resume.grpo.loss import ADVANTAGE_KINDS, IMPORTANCE_SAMPLING_MODES, LOSS_TYPES
+from resume.grpo.advantages import ADVANTAGE_KINDS
+from resume.grpo.loss import IMPORTANCE_SAMPLING_MODES, LOSS_TYPES
 
 IMPORTANCE_SAMPLING_SETTINGS = ("auto", "off", *IMPORTANCE_SAMPLING_MODES)
 

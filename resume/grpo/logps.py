@@ -1,14 +1,15 @@
-"""Completion log-probs with each prompt run once for its whole group (`grpo.config.shared_prompt`).
+"""Per-token log-probs of the completions: TRL's packed path, and each prompt run once for its group.
 
-The `k` completions of a GRPO group share one prompt (~750 of SmolLM2's ~820 tokens per row at the
-default budget). The packed path (`loss.sequence_logps`) runs prompt + completion for every row, so
-the prompt's forward and backward are paid `k` times. Here the prompt runs once, its KV cache is
-repeated for the `k` rows, and the completions run on top of it. Attention is causal, so every
-completion token sees exactly the keys and values it sees in the packed layout, and gradients flow
-back through the cache into the one prompt pass, where the `k` rows' contributions add up: the same
-log-probs and the same gradient, up to float rounding (tested), for about `(P + kC) / (k (P + C))`
-of the tokens. Under gradient checkpointing, where HF turns the cache off, `prefix_tree_logps` gets
-the same attention pattern from one masked sequence instead. Both share the per-segment driver.
+`sequence_logps` is TRL's: every row runs its prompt + completion. The `k` completions of a GRPO group
+share one prompt (~750 of SmolLM2's ~820 tokens per row at the default budget), so that path pays
+the prompt's forward and backward `k` times (`grpo.config.shared_prompt` turns the others on).
+Here the prompt runs once, its KV cache is repeated for the `k` rows, and the completions run on top
+of it. Attention is causal, so every completion token sees exactly the keys and values it sees in
+the packed layout, and gradients flow back through the cache into the one prompt pass, where the `k`
+rows' contributions add up: the same log-probs and the same gradient, up to float rounding (tested),
+for about `(P + kC) / (k (P + C))` of the tokens. Under gradient checkpointing, where HF turns the
+cache off, `prefix_tree_logps` gets the same attention pattern from one masked sequence instead.
+Both share the per-segment driver.
 """
 
 from __future__ import annotations
@@ -28,10 +29,67 @@ from resume.grpo.rollouts import PackedBatch
 SegmentOutputs = Callable[[torch.nn.Module, Tensor, Tensor, Tensor, bool], Tensor]
 
 
+def sequence_logps(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    logits_to_keep: int,
+    temperature: float = 1.0,
+    *,
+    batch_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs and entropies of the completion, the last `logits_to_keep` tokens.
+
+    Logits are divided by `temperature`, the sampling temperature, as TRL does, so the
+    log-probs are those of the distribution the completions were sampled from. Positions whose
+    `attention_mask` is 0 get log-prob 0 and entropy 0, as in TRL's fused LM head.
+
+    Args:
+        model: a Hugging Face causal LM (accepts `logits_to_keep`).
+        input_ids, attention_mask: `[B, P + C]` prompt followed by completion.
+        logits_to_keep: `C`, the completion length.
+        temperature: sampling temperature (> 0).
+        batch_size: rows per forward pass, to bound the `[rows, C, vocab]` logits in memory;
+            `None` = all at once.
+
+    Returns:
+        `(logps, entropies)`, both `[B, C]`; `logps` carries the graph, `entropies` is detached
+        (it is only logged).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature ({temperature}) must be > 0")
+    if not 0 < logits_to_keep < input_ids.size(1):
+        raise ValueError(
+            f"logits_to_keep ({logits_to_keep}) must be in [1, {input_ids.size(1) - 1}]: the completion "
+            "must follow at least one prompt token"
+        )
+    batch_size = batch_size or input_ids.size(0)
+    all_logps, all_entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids = input_ids[start : start + batch_size]
+        attn = attention_mask[start : start + batch_size]
+        # One extra position: the logit at t predicts token t+1, so C+1 logits cover the C completion
+        # tokens; the last one (after the final token) is dropped.
+        logits = model(
+            input_ids=ids, attention_mask=attn, logits_to_keep=logits_to_keep + 1, use_cache=False
+        ).logits
+        logits = logits[:, :-1, :]
+        if temperature != 1.0:  # x / 1.0 is x: no copy of the logits kept for the backward
+            logits = logits / temperature
+        targets = ids[:, -logits_to_keep:]
+        logps = selective_log_softmax(logits, targets)
+        with torch.no_grad():
+            entropies = entropy_from_logits(logits)
+        padding = attn[:, -logits_to_keep:] == 0
+        all_logps.append(logps.masked_fill(padding, 0.0))
+        all_entropies.append(entropies.masked_fill(padding, 0.0))
+    return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0)
+
+
 def shared_prompt_logps(
     model: torch.nn.Module, packed: PackedBatch, temperature: float = 1.0, chunked_head: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """`(logps, entropies)`, both `[B, C]` over `packed`'s completion columns, as `loss.sequence_logps`
+    """`(logps, entropies)`, both `[B, C]` over `packed`'s completion columns, as `sequence_logps`
     returns them (padding 0, entropies detached), computed one prompt segment at a time. `chunked_head`:
     from the hidden states through `head_logps`, without whole logits (only where `plain_head(model)`)."""
     return _per_prompt_segment(model, packed, temperature, _cached_segment_logits, chunked_head)

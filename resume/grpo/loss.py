@@ -1,7 +1,7 @@
 """The GRPO objective as plain functions on tensors.
 
 Each function re-derives, in our own code, the mathematics of TRL 1.16's `GRPOTrainer`
-(`_generate_and_score_completions` for advantages, `_compute_loss` for the loss), so the
+(`_compute_loss`; the advantages are `advantages.py`, the log-probs `logps.py`), so the
 summarizer can be trained by any loop (Lightning, DeepSpeed) while staying numerically
 identical to TRL. `tests/unit/test_grpo.py` checks that equality against a real
 `trl.GRPOTrainer` for every shared loss type.
@@ -19,9 +19,7 @@ import math
 
 import torch
 from torch import Tensor
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-ADVANTAGE_KINDS = ("zscore", "softmax")
 # Normalisations of the summed per-token loss, under TRL 1.16's names. TRL's other loss types
 # ("cispo", "sapo", "vespo", "luspo") change the surrogate itself, not its normalisation.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -29,94 +27,15 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 __all__ = [
-    "ADVANTAGE_KINDS",
     "IMPORTANCE_SAMPLING_MODES",
     "LOSS_TYPES",
-    "group_advantages",
     "grpo_loss",
     "importance_weights",
     "masked_mean",
     "microbatch_weight",
     "per_token_loss",
     "reduce_loss",
-    "sequence_logps",
-    "zero_variance_fraction",
 ]
-
-
-# --------------------------------------------------------------------------- advantages
-def _grouped(rewards: Tensor, group_size: int) -> Tensor:
-    """Validate flat group-major rewards and view them as `[num_groups, group_size]`."""
-    if group_size < 2:
-        raise ValueError(
-            f"num_generations (k) ({group_size}) must be >= 2 for group-relative advantages; "
-            "set grpo.config.num_generations>=2"
-        )
-    if rewards.dim() != 1:
-        raise ValueError(
-            f"rewards must be flat [B*k], got shape {tuple(rewards.shape)}; flatten them group by group"
-        )
-    if rewards.numel() == 0 or rewards.numel() % group_size != 0:
-        raise ValueError(
-            f"rewards has {rewards.numel()} entries, not a positive multiple of num_generations (k) = "
-            f"{group_size}; pass the k completions of every prompt, group by group"
-        )
-    if not torch.isfinite(rewards).all():
-        # TRL turns unscorable (None) rewards into NaN and zeroes their advantage; our reward always
-        # scores, so a non-finite value is a bug upstream and must not silently become "no signal".
-        raise ValueError(f"rewards must be finite, got {rewards.tolist()}")
-    return rewards.view(-1, group_size)
-
-
-def group_advantages(
-    rewards: Tensor,
-    group_size: int,
-    *,
-    kind: str = "zscore",
-    scale: bool = True,
-    eps: float = 1e-4,
-    temperature: float = 0.5,
-) -> Tensor:
-    """Group-relative advantages, one per completion.
-
-    Args:
-        rewards: `[B*k]` scalar rewards, the `k` completions of each prompt consecutive.
-        group_size: `k`, the number of completions per prompt (`num_generations`), >= 2.
-        kind: `"zscore"`: standard GRPO, `A_i = (r_i - mean_g r) / (std_g r + eps)`, with the
-            unbiased (Bessel-corrected, `/(k-1)`) group std, as TRL 1.16 (`nanstd`). With
-            `scale=False` only the group mean is subtracted (Dr. GRPO; TRL `scale_rewards="none"`).
-            `"softmax"`: the paper's Eq. 1 as pinned in METHOD.md,
-            `A_i = softmax(r / temperature)_i - 1/k` (zero-sum within each group).
-        scale: divide by the group std (`"zscore"` only).
-        eps: added to the std, TRL's constant `1e-4`; an all-equal group gets advantage 0.
-        temperature: softmax temperature (`"softmax"` only; the paper's beta = 0.5).
-
-    Returns:
-        `[B*k]` advantages, same dtype and device as `rewards`.
-    """
-    grouped = _grouped(rewards, group_size)
-    if kind == "zscore":
-        advantages = grouped - grouped.mean(dim=1, keepdim=True)
-        if scale:
-            advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)  # unbiased, as TRL's nanstd
-    elif kind == "softmax":
-        if temperature <= 0:
-            raise ValueError(f"softmax advantage temperature ({temperature}) must be > 0")
-        advantages = torch.softmax(grouped / temperature, dim=1) - 1.0 / group_size
-    else:
-        raise ValueError(f"unknown advantage kind {kind!r}; valid kinds: {', '.join(ADVANTAGE_KINDS)}")
-    return advantages.reshape(-1)
-
-
-def zero_variance_fraction(rewards: Tensor, group_size: int) -> float:
-    """Fraction of groups whose rewards are all equal: they carry no learning signal.
-
-    "Equal" uses TRL's test for its `frac_reward_zero_std` metric: the group's unbiased std is
-    `torch.isclose` to 0 (absolute tolerance 1e-8). Every group has `k` completions, so this
-    equals TRL's per-completion average.
-    """
-    std = _grouped(rewards, group_size).std(dim=1)
-    return torch.isclose(std, torch.zeros_like(std)).float().mean().item()
 
 
 # --------------------------------------------------------------------------- per-token loss
@@ -429,61 +348,3 @@ def grpo_loss(
     if entropies is not None:
         stats["entropy"] = masked_mean(entropies.detach(), mask).item()
     return loss, {f"{prefix}{key}": value for key, value in stats.items()}
-
-
-# --------------------------------------------------------------------------- log-probs
-def sequence_logps(
-    model: torch.nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    logits_to_keep: int,
-    temperature: float = 1.0,
-    *,
-    batch_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs and entropies of the completion, the last `logits_to_keep` tokens.
-
-    Logits are divided by `temperature`, the sampling temperature, as TRL does, so the
-    log-probs are those of the distribution the completions were sampled from. Positions whose
-    `attention_mask` is 0 get log-prob 0 and entropy 0, as in TRL's fused LM head.
-
-    Args:
-        model: a Hugging Face causal LM (accepts `logits_to_keep`).
-        input_ids, attention_mask: `[B, P + C]` prompt followed by completion.
-        logits_to_keep: `C`, the completion length.
-        temperature: sampling temperature (> 0).
-        batch_size: rows per forward pass, to bound the `[rows, C, vocab]` logits in memory;
-            `None` = all at once.
-
-    Returns:
-        `(logps, entropies)`, both `[B, C]`; `logps` carries the graph, `entropies` is detached
-        (it is only logged).
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature ({temperature}) must be > 0")
-    if not 0 < logits_to_keep < input_ids.size(1):
-        raise ValueError(
-            f"logits_to_keep ({logits_to_keep}) must be in [1, {input_ids.size(1) - 1}]: the completion "
-            "must follow at least one prompt token"
-        )
-    batch_size = batch_size or input_ids.size(0)
-    all_logps, all_entropies = [], []
-    for start in range(0, input_ids.size(0), batch_size):
-        ids = input_ids[start : start + batch_size]
-        attn = attention_mask[start : start + batch_size]
-        # One extra position: the logit at t predicts token t+1, so C+1 logits cover the C completion
-        # tokens; the last one (after the final token) is dropped.
-        logits = model(
-            input_ids=ids, attention_mask=attn, logits_to_keep=logits_to_keep + 1, use_cache=False
-        ).logits
-        logits = logits[:, :-1, :]
-        if temperature != 1.0:  # x / 1.0 is x: no copy of the logits kept for the backward
-            logits = logits / temperature
-        targets = ids[:, -logits_to_keep:]
-        logps = selective_log_softmax(logits, targets)
-        with torch.no_grad():
-            entropies = entropy_from_logits(logits)
-        padding = attn[:, -logits_to_keep:] == 0
-        all_logps.append(logps.masked_fill(padding, 0.0))
-        all_entropies.append(entropies.masked_fill(padding, 0.0))
-    return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0)

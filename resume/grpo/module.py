@@ -6,7 +6,7 @@ One training step is one GRPO rollout batch (METHOD.md, "GRPO"):
    current policy (eval mode, no grad) with seed `config.seed + step`;
 2. rewards: `reward.compute(texts, doc_ids)`, the frozen retriever's reward; its negative
    sampler is reseeded with `config.seed + step`;
-3. group-relative advantages (`loss.group_advantages`);
+3. group-relative advantages (`advantages.group_advantages`);
 4. no-grad log-probs of the sampling policy (only when `num_iterations > 1` or when the
    off-policy correction is on; otherwise the detached current ones, TRL's shortcut) and of the
    reference policy (only when `beta > 0`); with the correction, the truncated importance
@@ -27,7 +27,8 @@ step one process takes on P prompts (with `seed_per_prompt`, the same rollouts t
 strategies (FSDP, DeepSpeed ZeRO-3) rollouts and the weight sync run inside
 `distributed.full_parameters`, which gathers the whole policy.
 
-The maths are `resume.grpo.loss` (checked against TRL); this module only schedules them.
+The maths are `resume.grpo.advantages`, `loss` and `logps` (checked against TRL); this module only
+schedules them.
 Everything random inside a step (sampling, negatives, dropout) is seeded by the step number,
 so a run resumed from a checkpoint replays exactly what an uninterrupted run would have done.
 `resume.grpo.trainer.run_grpo` builds it and runs the Lightning `Trainer`.
@@ -54,19 +55,13 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from resume.grpo.advantages import group_advantages, zero_variance_fraction
 from resume.grpo.config import RESUMABLE_CHANGES, GRPOConfig
 from resume.grpo.head_logps import plain_head
 from resume.grpo.history import finite, merge_stats, sample_rows, write_history, write_samples
-from resume.grpo.logps import prefix_tree_logps, shared_prompt_logps
+from resume.grpo.logps import prefix_tree_logps, sequence_logps, shared_prompt_logps
 from resume.grpo.lora import add_lora
-from resume.grpo.loss import (
-    group_advantages,
-    grpo_loss,
-    importance_weights,
-    microbatch_weight,
-    sequence_logps,
-    zero_variance_fraction,
-)
+from resume.grpo.loss import grpo_loss, importance_weights, microbatch_weight
 from resume.grpo.rollouts import PackedBatch, doc_pair, pack_completions
 from resume.grpo.tied_grad import tied_grad_in_place
 from resume.summarizer.generate import Completion, GenerationParams

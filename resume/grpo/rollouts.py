@@ -2,7 +2,7 @@
 
 `RolloutBatches` fixes the documents of every step from the seed (so a resumed run replays
 them); `pack_completions` lays prompt + completion rows out as TRL does, so the completion
-tokens sit in the last columns that `loss.sequence_logps` scores.
+tokens sit in the last columns that `logps.sequence_logps` scores.
 """
 
 from __future__ import annotations

@@ -23,16 +23,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from resume.grpo.loss import (
-    LOSS_TYPES,
-    group_advantages,
-    grpo_loss,
-    masked_mean,
-    per_token_loss,
-    reduce_loss,
-    sequence_logps,
-    zero_variance_fraction,
-)
+from resume.grpo.advantages import group_advantages, zero_variance_fraction
+from resume.grpo.logps import sequence_logps
+from resume.grpo.loss import LOSS_TYPES, grpo_loss, masked_mean, per_token_loss, reduce_loss
 
 VOCAB = 64
 MAX_COMPLETION = 7  # TRL's dr_grpo normaliser; deliberately != T below so the constant is exercised
