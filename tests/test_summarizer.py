@@ -12,7 +12,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from resume.summarizer.generate import GenerationBackend, GenerationParams, HFBackend
+from resume.summarizer.generate import GenerationBackend, GenerationParams
+from resume.summarizer.hf_backend import HFBackend
 from resume.summarizer.module import SummarizerModule, build_summarizer
 from resume.summarizer.prompts import PromptTemplate
 from resume.utils.config import CONFIG_DIR, compose_node

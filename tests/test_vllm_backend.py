@@ -20,7 +20,8 @@ from resume.grpo.logps import sequence_logps
 from resume.grpo.lora import add_lora
 from resume.grpo.rollouts import pack_completions
 from resume.summarizer import vllm_backend
-from resume.summarizer.generate import GenerationParams, HFBackend
+from resume.summarizer.generate import GenerationParams
+from resume.summarizer.hf_backend import HFBackend
 from resume.summarizer.vllm_backend import VLLMBackend, plain_weights, release_engines, vllm_available
 from resume.utils.config import compose_node
 

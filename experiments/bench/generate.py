@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 from _models import bench_docs, bench_summarizer
 
-from resume.summarizer.generate import HFBackend
+from resume.summarizer.hf_backend import HFBackend
 from resume.summarizer.vllm_backend import VLLMBackend, release_engines, vllm_available
 from resume.utils.devices import cpu_bf16_is_fast, dtype_name
 

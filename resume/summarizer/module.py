@@ -23,8 +23,8 @@ from resume.summarizer.generate import (
     GenerationBackend,
     GenerationParams,
     GenerationShape,
-    HFBackend,
 )
+from resume.summarizer.hf_backend import HFBackend
 from resume.summarizer.parsing import SEPARATOR
 from resume.summarizer.prompts import PromptTemplate
 from resume.utils.devices import resolve_device, resolve_dtype

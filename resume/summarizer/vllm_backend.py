@@ -39,11 +39,11 @@ from resume.summarizer.generate import (
     Completion,
     GenerationParams,
     GenerationShape,
-    HFBackend,
     engine_settings,
     prompt_seed,
     weights_version,
 )
+from resume.summarizer.hf_backend import HFBackend
 from resume.utils.config import default_cache_dir
 from resume.utils.devices import dtype_name, generation_dtype
 
