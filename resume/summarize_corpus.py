@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from resume.data import register_data_resolvers
 from resume.summaries.cache import doc_hash
 from resume.summaries.corpus import cache_for, cached_records, summarize_corpus, summarize_shard
-from resume.summarizer.vllm_backend import release_engines
+from resume.summarizer.vllm_engine import release_engines
 from resume.utils.config import register_resolvers
 from resume.utils.io import atomic_write_json
 

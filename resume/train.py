@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resume.data import register_data_resolvers
 from resume.loop import Loop, LoopConfig, make_adapt, make_grpo, make_summarize
-from resume.summarizer.vllm_backend import release_engines
+from resume.summarizer.vllm_engine import release_engines
 from resume.utils import distributed
 from resume.utils.config import register_resolvers
 from resume.utils.devices import environment

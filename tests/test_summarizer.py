@@ -358,7 +358,7 @@ def test_generation_shape_bounds_every_prompt_and_plans_the_kv_cache(summarizer)
     )
     # the vLLM cache: the prefix's whole blocks once, then each sequence's own blocks
     from resume.summarizer.generate import GenerationShape
-    from resume.summarizer.vllm_backend import planned_kv_tokens
+    from resume.summarizer.vllm_engine import planned_kv_tokens
 
     assert planned_kv_tokens(GenerationShape(554, 800, 160), 16, block=128) == 512 + 16 * 4 * 128
     assert planned_kv_tokens(GenerationShape(0, 100, 28), 2, block=128) == 2 * 128

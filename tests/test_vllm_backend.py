@@ -19,10 +19,11 @@ from resume.grpo import GRPOConfig, run_grpo
 from resume.grpo.logps import sequence_logps
 from resume.grpo.lora import add_lora
 from resume.grpo.rollouts import pack_completions
-from resume.summarizer import vllm_backend
+from resume.summarizer import vllm_backend, vllm_engine
 from resume.summarizer.generate import GenerationParams
 from resume.summarizer.hf_backend import HFBackend
-from resume.summarizer.vllm_backend import VLLMBackend, plain_weights, release_engines, vllm_available
+from resume.summarizer.vllm_backend import VLLMBackend
+from resume.summarizer.vllm_engine import plain_weights, release_engines, vllm_available
 from resume.utils.config import compose_node
 
 if not vllm_available():
@@ -241,7 +242,7 @@ def test_bad_lengths_and_engine_failures_name_the_setting(summarizer, monkeypatc
     )
     with pytest.raises(RuntimeError, match="kv_cache_gib, max_num_seqs or max_model_len"):
         backend.generate(summarizer.prompts_for(make_docs(1)), GenerationParams())
-    assert backend.engine_key() not in vllm_backend._ENGINES  # nothing half-started is kept
+    assert backend.engine_key() not in vllm_engine.ENGINES  # nothing half-started is kept
 
 
 def test_the_step_budget_is_raised_on_cpu_only(summarizer, monkeypatch):
@@ -260,10 +261,10 @@ def test_the_step_budget_is_raised_on_cpu_only(summarizer, monkeypatch):
     backend = VLLMBackend(
         summarizer.model, summarizer.tokenizer, dtype="fp32", kv_cache_gib=0.25, max_num_seqs=3
     )
-    per_token = vllm_backend.kv_bytes_per_token(summarizer.model.config, backend.dtype)
+    per_token = vllm_engine.kv_bytes_per_token(summarizer.model.config, backend.dtype)
     backend._start("unused")
     assert seen[-1]["kv_cache_memory_bytes"] == 2**28
-    assert seen[-1]["max_num_batched_tokens"] == max(vllm_backend.CPU_STEP_TOKENS, 2**28 // per_token)
+    assert seen[-1]["max_num_batched_tokens"] == max(vllm_engine.CPU_STEP_TOKENS, 2**28 // per_token)
     assert "gpu_memory_utilization" not in seen[-1]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     backend._start("unused")
@@ -336,11 +337,11 @@ def test_a_cache_planned_for_the_job_decodes_every_sequence_at_once(monkeypatch)
     cfg = OmegaConf.create({"seed": 0, "summarizer": compose_node("summarizer", overrides)})
     summarizer = instantiate(cfg.summarizer)
     backend, shape = summarizer.backend, summarizer.backend.shape
-    block = vllm_backend.CPU_BLOCK_TOKENS
+    block = vllm_engine.CPU_BLOCK_TOKENS
     assert shape is not None and shape.prefix_tokens > 3 * block
-    planned = vllm_backend.planned_kv_tokens(shape, backend.max_num_seqs)
+    planned = vllm_engine.planned_kv_tokens(shape, backend.max_num_seqs)
     unshared = backend.max_num_seqs * -(-(shape.max_prompt_tokens + shape.max_new_tokens) // block) * block
-    assert planned < unshared / 2 and backend._kv_bytes() < unshared * vllm_backend.kv_bytes_per_token(
+    assert planned < unshared / 2 and backend._kv_bytes() < unshared * vllm_engine.kv_bytes_per_token(
         summarizer.model.config, backend.dtype
     )
     docs = [
@@ -381,9 +382,9 @@ def test_one_engine_step_holds_every_token_its_cache_can(summarizer):
     backend = summarizer.backend
     llm = backend.engine()
     budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-    kv_tokens = backend._kv_bytes() // vllm_backend.kv_bytes_per_token(summarizer.model.config, backend.dtype)
+    kv_tokens = backend._kv_bytes() // vllm_engine.kv_bytes_per_token(summarizer.model.config, backend.dtype)
     assert kv_tokens == backend._kv_tokens()
-    assert budget >= max(kv_tokens, backend._model_len(), vllm_backend.CPU_STEP_TOKENS)
+    assert budget >= max(kv_tokens, backend._model_len(), vllm_engine.CPU_STEP_TOKENS)
 
 
 @pytest.mark.slow
@@ -397,7 +398,7 @@ def test_smollm2_seeded_sampling_over_the_default_step_budget():
     summarizer = instantiate(cfg.summarizer)
     docs = [(f"title {i}", f"Proteins and cells in cohort study number {i}. " * 40) for i in range(8)]
     prompts = summarizer.prompts_for(docs)
-    assert sum(len(ids) for ids in summarizer.backend._hf.encode(prompts)) > vllm_backend.CPU_STEP_TOKENS
+    assert sum(len(ids) for ids in summarizer.backend._hf.encode(prompts)) > vllm_engine.CPU_STEP_TOKENS
     params = GenerationParams(do_sample=True, max_new_tokens=16, num_return_sequences=4, seed=1)
     groups = summarizer.backend.generate(prompts, params)
     assert [len(g) for g in groups] == [4] * 8
@@ -409,12 +410,12 @@ def test_release_shuts_the_engine_down_now_and_the_next_call_starts_a_new_one(su
     engine left to its exit handler keeps its memory until exit and, under torchrun, raised there."""
     docs = make_docs(3)
     before, _ = greedy_pair(summarizer, docs)
-    cores = [llm.llm_engine.engine_core for llm in vllm_backend._ENGINES.values()]
+    cores = [llm.llm_engine.engine_core for llm in vllm_engine.ENGINES.values()]
     assert cores
     release_engines()
-    assert not vllm_backend._ENGINES
+    assert not vllm_engine.ENGINES
     assert not any(core._finalizer.alive for core in cores)  # shut down now: nothing left for exit
     after, _ = greedy_pair(summarizer, docs)
     assert [c.token_ids for c in after] == [c.token_ids for c in before]
     summarizer.backend.release()
-    assert not vllm_backend._ENGINES
+    assert not vllm_engine.ENGINES

@@ -25,7 +25,8 @@ import torch
 from _models import bench_docs, bench_summarizer
 
 from resume.summarizer.hf_backend import HFBackend
-from resume.summarizer.vllm_backend import VLLMBackend, release_engines, vllm_available
+from resume.summarizer.vllm_backend import VLLMBackend
+from resume.summarizer.vllm_engine import release_engines, vllm_available
 from resume.utils.devices import cpu_bf16_is_fast, dtype_name
 
 

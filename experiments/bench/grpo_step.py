@@ -30,7 +30,7 @@ import torch
 from _models import bench_docs, bench_summarizer
 
 from resume.grpo import GRPOConfig, run_grpo
-from resume.summarizer.vllm_backend import vllm_available
+from resume.summarizer.vllm_engine import vllm_available
 from resume.utils.memory import PeakRSS, release_memory
 
 
