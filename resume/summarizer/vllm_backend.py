@@ -43,6 +43,7 @@ from resume.summarizer.vllm_engine import (
     ENGINES,
     LOADED,
     engine_source,
+    head_dim,
     kv_bytes_per_token,
     plain_weights,
     planned_kv_tokens,
@@ -112,12 +113,11 @@ class VLLMBackend:
             raise ValueError(f"summarizer.backend.max_num_seqs ({max_num_seqs}) must be >= 1")
         if kv_cache_gib is not None and kv_cache_gib <= 0:
             raise ValueError(f"summarizer.backend.kv_cache_gib ({kv_cache_gib}) must be > 0, or null")
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if not torch.cuda.is_available() and head_dim not in CPU_HEAD_SIZES:
+        size = head_dim(model.config)
+        if not torch.cuda.is_available() and size not in CPU_HEAD_SIZES:
             raise ValueError(
                 f"vLLM's CPU attention supports head sizes {list(CPU_HEAD_SIZES)}, and this model's is "
-                f"{head_dim} (the tiny test model: add +summarizer.config.head_dim=32); or use "
+                f"{size} (the tiny test model: add +summarizer.config.head_dim=32); or use "
                 "summarizer/backend=hf"
             )
         self.model = model

@@ -95,12 +95,16 @@ def plain_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield f"{name}.bias", bias.detach()
 
 
+def head_dim(config: Any) -> int:
+    """The attention head size of an HF config: `head_dim` when set, else hidden size / heads."""
+    heads = getattr(config, "num_attention_heads", 1)
+    return getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     """Bytes of KV cache one token takes in every layer (keys and values)."""
-    heads = getattr(config, "num_attention_heads", 1)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 1)
+    return 2 * config.num_hidden_layers * kv_heads * head_dim(config) * torch.finfo(dtype).bits // 8
 
 
 def planned_kv_tokens(shape: GenerationShape, max_num_seqs: int, block: int = CPU_BLOCK_TOKENS) -> int:
