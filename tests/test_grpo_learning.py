@@ -267,10 +267,10 @@ def test_mini_batches_accumulate_to_the_full_batch_gradient(compose_in_tmp, tmp_
 def test_tied_gradient_in_place_takes_the_same_step(compose_in_tmp, tmp_path, monkeypatch):
     """`tied_grad_in_place` (the tied embedding's gradient written straight into .grad) is engaged by the
     module on one process and moves every weight as autograd's accumulation does (mini-batches 3+3+2)."""
-    import resume.grpo.module as grpo_module
+    import resume.grpo.update as grpo_update
 
     engaged = []
-    original = grpo_module.tied_grad_in_place
+    original = grpo_update.tied_grad_in_place
 
     @contextlib.contextmanager
     def spy(model):
@@ -278,7 +278,7 @@ def test_tied_gradient_in_place_takes_the_same_step(compose_in_tmp, tmp_path, mo
             engaged.append(on)
             yield on
 
-    monkeypatch.setattr(grpo_module, "tied_grad_in_place", spy)
+    monkeypatch.setattr(grpo_update, "tied_grad_in_place", spy)
     before, autograd = _one_sgd_step(
         compose_in_tmp, tmp_path / "off", mini_batch_size=3, tied_grad_in_place=False
     )

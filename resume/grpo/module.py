@@ -27,8 +27,8 @@ step one process takes on P prompts (with `seed_per_prompt`, the same rollouts t
 strategies (FSDP, DeepSpeed ZeRO-3) rollouts and the weight sync run inside
 `distributed.full_parameters`, which gathers the whole policy.
 
-The maths are `resume.grpo.advantages`, `loss` and `logps` (checked against TRL); this module only
-schedules them.
+The maths are `resume.grpo.advantages`, `loss` and `logps` (checked against TRL); steps 4-5, the
+update on one rollout batch, are `resume.grpo.update.PolicyUpdate`, mixed in; this module schedules.
 Everything random inside a step (sampling, negatives, dropout) is seeded by the step number,
 so a run resumed from a checkpoint replays exactly what an uninterrupted run would have done.
 `resume.grpo.trainer.run_grpo` builds it and runs the Lightning `Trainer`.
@@ -40,7 +40,6 @@ object with a `total` tensor `[B]` and `log_dict(prefix) -> dict[str, float]` (a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -57,16 +56,13 @@ from torch import Tensor
 
 from resume.grpo.advantages import group_advantages, zero_variance_fraction
 from resume.grpo.config import RESUMABLE_CHANGES, GRPOConfig
-from resume.grpo.head_logps import plain_head
-from resume.grpo.history import finite, merge_stats, sample_rows, write_history, write_samples
-from resume.grpo.logps import prefix_tree_logps, sequence_logps, shared_prompt_logps
+from resume.grpo.history import finite, sample_rows, write_history, write_samples
 from resume.grpo.lora import add_lora
-from resume.grpo.loss import grpo_loss, importance_weights, microbatch_weight
-from resume.grpo.rollouts import PackedBatch, doc_pair, pack_completions
-from resume.grpo.tied_grad import tied_grad_in_place
+from resume.grpo.rollouts import doc_pair
+from resume.grpo.update import PolicyUpdate
 from resume.summarizer.generate import Completion, GenerationParams
 from resume.utils import distributed
-from resume.utils.devices import dtype_name, seeded
+from resume.utils.devices import seeded
 from resume.utils.memory import PhaseMeter
 from resume.utils.optim import decay_groups
 
@@ -81,7 +77,7 @@ VAL_SEED_OFFSET = 1_000_000_007
 RANK_SEED_STRIDE = 7_919
 
 
-class GRPOModule(pl.LightningModule):
+class GRPOModule(PolicyUpdate, pl.LightningModule):
     """GRPO on a `SummarizerModule`'s causal LM (manual optimisation, one rollout batch per step).
 
     Args:
@@ -327,182 +323,6 @@ class GRPOModule(pl.LightningModule):
         if cfg.log_completions_every and step % cfg.log_completions_every == 0 and rank == 0:
             self._log_samples(step, group_ids, completions, rewards, advantages)
         return stats
-
-    def _logps(self, model: torch.nn.Module, packed: PackedBatch) -> tuple[Tensor, Tensor]:
-        # Each prompt once per group (exact, ~3x fewer tokens at k=4): through a shared KV cache, or,
-        # under gradient checkpointing (where HF turns the cache off), as one prefix-tree sequence.
-        if self.config.shared_prompt:
-            tree = self.config.gradient_checkpointing and model.training
-            path = prefix_tree_logps if tree else shared_prompt_logps
-            chunked = self.config.chunked_head and plain_head(model)
-            return path(model, packed, self.rollout.temperature, chunked_head=chunked)
-        return sequence_logps(
-            model,
-            packed.input_ids.to(self.device),
-            packed.attention_mask.to(self.device),
-            packed.width,
-            self.rollout.temperature,
-        )
-
-    @torch.no_grad()
-    def _reference_logps(self, packed: PackedBatch) -> Tensor:
-        if self._peft is not None:
-            with self._peft.disable_adapter():
-                return self._logps(self.policy, packed)[0]
-        assert self.reference is not None
-        self.reference.eval()  # Lightning's train() reaches every submodule
-        return self._logps(self.reference, packed)[0]
-
-    def importance_sampling_mode(self, completions: Sequence[Completion]) -> str | None:
-        """The off-policy correction this batch gets (`config.importance_sampling`), or None.
-
-        `auto` corrects when the engine reported log-probs and generates in another dtype than the
-        policy trains in (a bf16 vLLM engine, an fp32 policy): its samples come from slightly other
-        probabilities. With the same dtype and synced weights the rollouts are on-policy.
-        """
-        setting = self.config.importance_sampling
-        has_logps = all(c.logprobs is not None for c in completions)
-        if setting == "off":
-            return None
-        if setting != "auto":
-            if not has_logps:
-                raise ValueError(
-                    f"grpo.config.importance_sampling={setting} needs the engine's log-probs, and the "
-                    f"{self.summarizer.backend_info().get('engine')} backend reports none; use "
-                    "summarizer/backend=vllm (logprobs: true) or importance_sampling=off"
-                )
-            return setting
-        engine_dtype = self.summarizer.backend_info().get("dtype")
-        policy_dtype = dtype_name(next(self.policy.parameters()).dtype)
-        return "token_truncate" if has_logps and engine_dtype != policy_dtype else None
-
-    def _update(self, completions: Sequence[Completion], advantages: Tensor) -> dict[str, float]:
-        """`num_iterations` optimizer steps on one rollout batch (this rank's rows of it); returns the
-        loss statistics of the whole batch."""
-        cfg = self.config
-        rank, world = self.world
-        size = len(completions)  # the global batch: normalisations count every rank's rows
-        own = size // world
-        first, last = rank * own, (rank + 1) * own
-        per_pass = cfg.mini_batch_size or own
-        chunks = [
-            pack_completions(
-                completions[i : min(i + per_pass, last)], self.pad_id, slice(i, min(i + per_pass, last))
-            )
-            for i in range(first, last, per_pass)
-        ]
-        num_tokens = float(sum(c.num_tokens for c in completions))
-        advantages = advantages.to(self.device)
-        is_mode = self.importance_sampling_mode(completions)
-        meter = PhaseMeter()
-        meter.mark("start")
-        # The log-probs of the policy before this batch's update: a pass of their own only when mu > 1.
-        # At mu = 1 the training forward runs on those same weights, so its detached log-probs are them
-        # (TRL's on-policy shortcut), and the off-policy weights of another engine are taken from it.
-        with torch.no_grad(), meter("old_logps"):
-            need_old = cfg.num_iterations > 1
-            old = [self._logps(self.policy, ch)[0] if need_old else None for ch in chunks]
-        with meter("ref_logps"):
-            ref = [self._reference_logps(ch) if cfg.beta > 0 else None for ch in chunks]
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        parts: list[tuple[Mapping[str, float], float]] = []
-        losses, norms, lrs = [], [], []
-        for _ in range(cfg.num_iterations):
-            optimizer.zero_grad()
-            pass_loss = 0.0
-            for i, (chunk, old_logps, ref_logps) in enumerate(zip(chunks, old, ref)):
-                with meter("forward"), self._tied_grad():
-                    logps, entropies = self._logps(self.policy, chunk)
-                    is_w, is_stats = None, {}
-                    if is_mode is not None:  # against the policy before the update (at mu = 1: this forward)
-                        before = logps.detach() if old_logps is None else old_logps
-                        is_w, is_stats = self._is_weights(chunk, before, is_mode)
-                    loss, stats = grpo_loss(
-                        logps,
-                        old_logps,
-                        advantages[chunk.rows],
-                        chunk.completion_mask.to(self.device),
-                        loss_type=cfg.loss_type,
-                        epsilon_low=cfg.epsilon_low,
-                        epsilon_high=cfg.epsilon_high,
-                        beta=cfg.beta,
-                        ref_logps=ref_logps,
-                        delta=cfg.delta,
-                        kl_ratio_correction=cfg.kl_ratio_correction,
-                        max_completion_length=self.rollout.max_new_tokens,
-                        num_active_tokens=num_tokens,
-                        entropies=entropies,
-                        is_weights=is_w,
-                        prefix="train/",
-                    )
-                stats = {**stats, **is_stats}
-                weight = microbatch_weight(cfg.loss_type, chunk.rows.stop - chunk.rows.start, size)
-                # DDP averages the ranks' gradients: x world makes it their sum, the whole batch's gradient.
-                # Only the pass's last backward all-reduces; the others accumulate locally.
-                with self._no_sync(i < len(chunks) - 1), meter("backward"):
-                    self.manual_backward(loss * (weight * world))
-                pass_loss += float(loss.detach()) * weight
-                parts.append((stats, float(chunk.completion_mask.sum())))
-            with meter("optimizer"):
-                norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
-                lrs.append(optimizer.optimizer.param_groups[0]["lr"])
-                optimizer.step()
-                optimizer.zero_grad()  # set to None: the next rollouts and weight sync run without them
-                if scheduler is not None:
-                    scheduler.step()
-            losses.append(pass_loss)
-            norms.append(float(norm))
-        if world > 1:  # every rank logs the whole batch's statistics
-            gathered = distributed.all_gather((parts, losses))
-            parts = [p for ranks_parts, _ in gathered for p in ranks_parts]
-            losses = [float(sum(pass_losses)) for pass_losses in zip(*(ls for _, ls in gathered))]
-        stats = merge_stats(parts)
-        stats["train/loss"] = float(np.mean(losses))
-        stats["train/grad_norm"] = float(np.mean(norms))
-        stats["train/lr"] = float(lrs[0])
-        stats.update(meter.record("update_"))  # this rank's: time/update_forward, mem/update_forward_mb, ...
-        return stats
-
-    def _is_weights(
-        self, chunk: PackedBatch, policy_logps: Tensor, mode: str
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Truncated importance weights of `chunk`'s tokens: the policy's log-probs before the update
-        against the engine's sampling log-probs (`loss.importance_weights`), and their statistics."""
-        assert chunk.sampling_logps is not None
-        cfg = self.config
-        w, w_stats = importance_weights(
-            policy_logps,
-            chunk.sampling_logps.to(self.device),
-            chunk.completion_mask.to(self.device),
-            mode=mode,
-            cap=cfg.importance_sampling_cap,
-            floor=cfg.importance_sampling_floor,
-        )
-        return w, {f"train/{k}": v for k, v in w_stats.items()}
-
-    def _tied_grad(self) -> Any:
-        """`tied_grad_in_place` around a training forward: one process holding whole weights only (its
-        `.grad` writes bypass DDP's, FSDP's and DeepSpeed's gradient hooks)."""
-        from pytorch_lightning.strategies import SingleDeviceStrategy
-
-        trainer = self._trainer
-        single = trainer is None or isinstance(trainer.strategy, SingleDeviceStrategy)
-        if self.config.tied_grad_in_place and single:
-            return tied_grad_in_place(self.policy)
-        return contextlib.nullcontext()
-
-    def _no_sync(self, skip: bool) -> Any:
-        """DDP's `no_sync` (gradients accumulate locally, no all-reduce) when `skip`; else nothing."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = self._trainer.model if self._trainer is not None else None
-        # DeepSpeed's engine refuses no_sync under ZeRO-2/3 and reduces partitioned gradients itself.
-        if skip and isinstance(wrapped, (DistributedDataParallel, FullyShardedDataParallel)):
-            return wrapped.no_sync()
-        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Sequence[str], batch_idx: int = 0) -> dict[str, float]:
