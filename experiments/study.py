@@ -98,6 +98,9 @@ JOBS = [
     Job("iterative", "no_negatives", extra=LATER),
     Job("iterative", "no_discrete_reward", extra=LATER),
     Job("iterative", seed=2, extra=LATER),
+    # More seeds of the control that separates GRPO from adaptation (seed 0 was the first session's).
+    Job("adapted_fixed_summary", seed=1),
+    Job("adapted_fixed_summary", seed=2),
 ]
 
 # What a finished run folder contributes to the committed results (globs relative to it).
