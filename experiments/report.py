@@ -351,21 +351,57 @@ def read_summaries(run: str | Path, label: str) -> dict[str, dict[str, Any]] | N
 
 
 _DATA: dict[str, Any] = {}
+PATH_KEYS = ("shared_data", "data_dir", "root_dir")  # most specific first: shared_data lies under root_dir
+
+
+def checkout_paths() -> dict[str, str]:
+    """This checkout's `paths.shared_data`, `data_dir` and `root_dir`, resolved by conf/paths/default.yaml's
+    own rules (`RESUME_SHARED_DATA`, else `<repo>/../shared/data`)."""
+    from omegaconf import OmegaConf
+
+    from resume.utils.config import register_resolvers
+
+    register_resolvers()
+    conf = Path(__file__).resolve().parents[1] / "conf" / "paths" / "default.yaml"
+    cfg = OmegaConf.create({"paths": OmegaConf.load(conf)})
+    return {k: str(cfg.paths[k]) for k in PATH_KEYS}
+
+
+def rebase_paths(
+    data: dict[str, Any], run_paths: dict[str, Any] | None, here: dict[str, str]
+) -> dict[str, Any]:
+    """`data` (a resolved data config) with every string under the run's own `paths` (the machine it ran
+    on: e.g. `/work/study/../shared/data/nfcorpus`) moved under this checkout's, so that committed results
+    from another machine or folder load here. Values outside those paths are kept."""
+    out = dict(data)
+    for k, v in data.items():
+        if not isinstance(v, str):
+            continue
+        for key in PATH_KEYS:
+            old = str((run_paths or {}).get(key) or "")
+            if old and (v == old or v.startswith(old.rstrip("/") + "/")):
+                out[k] = here[key] + v[len(old) :]
+                break
+    return out
 
 
 def run_data(run: str | Path) -> Any:
-    """The run's dataset, rebuilt from its resolved config (None when it cannot be loaded here)."""
+    """The run's dataset, rebuilt from its resolved config with its paths moved to this checkout's
+    (`rebase_paths`); None when it cannot be loaded here."""
     from omegaconf import OmegaConf
 
     node = run_config(run, "data")
     if node is None:
         return None
-    key = json.dumps(OmegaConf.to_container(node), sort_keys=True)
+    paths = run_config(run, "paths")
+    run_paths = OmegaConf.to_container(paths, resolve=False) if paths is not None else None
+    data = rebase_paths(OmegaConf.to_container(node), run_paths, checkout_paths())
+    key = json.dumps(data, sort_keys=True)
     if key not in _DATA:
         from hydra.utils import instantiate
 
         try:
-            _DATA[key] = instantiate(node)
+            _DATA[key] = instantiate(data)
         except Exception as e:  # noqa: BLE001 -- not on this machine: say so, do not invent the column
             where = Path(run) / "config_resolved.yaml"
             print(f"note: {where}: data not loadable here ({type(e).__name__}: {e}); no query overlap")

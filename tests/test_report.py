@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import report
@@ -200,3 +201,53 @@ def test_a_transferred_full_model_is_labelled_by_its_source_and_sampled_against_
     samples = (tmp_path / "rep" / "samples_nfcorpus.md").read_text()
     assert "the models of scifact-iterative-none-s1 (t = 2)" in samples
     assert "before: untrained words 0" in samples and "after: trained words 0" in samples
+
+
+def test_committed_results_from_another_machine_load_their_data_here(tmp_path, monkeypatch):
+    """A results folder's resolved config names the paths of the machine it ran on (here a folder that
+    does not exist, as a committed study job's `/work/study/...` on a new machine): the report finds the
+    same dataset under this checkout's paths, and keeps values outside those paths as they are."""
+    shared = tmp_path / "shared" / "data"
+    folder = shared / "mini"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"text {i}"}) + "\n" for i in range(3))
+    )
+    (folder / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "text"}) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    monkeypatch.setenv("RESUME_SHARED_DATA", str(shared))
+    gone = "/nonexistent/machine/study"
+    run = tmp_path / "scifact-iterative-none-s0"
+    run.mkdir()
+    (run / "config_resolved.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "paths": {
+                    "root_dir": gone,
+                    "data_dir": f"{gone}/data",
+                    "shared_data": f"{gone}/../shared/data",
+                },
+                "data": {
+                    "_target_": "resume.data.load_dataset",
+                    "name": "mini",
+                    "path": f"{gone}/../shared/data/mini",
+                    "download_dir": f"{gone}/data",
+                    "url": "https://example.org/mini.zip",
+                    "splits": ["test"],
+                    "eval_split": "test",
+                },
+            }
+        )
+    )
+    here = report.checkout_paths()
+    assert here["shared_data"] == str(shared)
+    data = report.run_data(run)
+    assert data is not None and sorted(data.corpus) == ["d0", "d1", "d2"]
+    moved = report.rebase_paths(
+        {"path": f"{gone}/data/x", "url": "https://example.org/mini.zip", "n": 3},
+        {"data_dir": f"{gone}/data"},
+        here,
+    )
+    assert moved == {"path": f"{here['data_dir']}/x", "url": "https://example.org/mini.zip", "n": 3}
+    # a path only sharing a prefix with the run's folder is not moved
+    assert report.rebase_paths({"path": f"{gone}2/x"}, {"root_dir": gone}, here) == {"path": f"{gone}2/x"}
