@@ -101,6 +101,8 @@ JOBS = [
     # More seeds of the control that separates GRPO from adaptation (seed 0 was the first session's).
     Job("adapted_fixed_summary", seed=1),
     Job("adapted_fixed_summary", seed=2),
+    # A second seed of Table 3's first ablation, the one the method's name rests on (retrieval adaptation).
+    Job("iterative", "no_adaptation", seed=1, extra=LATER),
 ]
 
 # What a finished run folder contributes to the committed results (globs relative to it).
