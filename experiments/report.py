@@ -359,11 +359,10 @@ def checkout_paths() -> dict[str, str]:
     own rules (`RESUME_SHARED_DATA`, else `<repo>/../shared/data`)."""
     from omegaconf import OmegaConf
 
-    from resume.utils.config import register_resolvers
+    from resume.utils.config import CONFIG_DIR, register_resolvers
 
     register_resolvers()
-    conf = Path(__file__).resolve().parents[1] / "conf" / "paths" / "default.yaml"
-    cfg = OmegaConf.create({"paths": OmegaConf.load(conf)})
+    cfg = OmegaConf.create({"paths": OmegaConf.load(CONFIG_DIR / "paths" / "default.yaml")})
     return {k: str(cfg.paths[k]) for k in PATH_KEYS}
 
 
