@@ -62,8 +62,9 @@ class HFBackend:
       same (up to float rounding: the shared prefix is computed at batch size 1). On 2 CPU
       cores it cut SmolLM2's prefill of 8 SciFact prompts from 15.4 s to 4.1 s + 1.4 s
       once. It engages when the common prefix has at least `min_prefix_tokens` tokens.
-    - `dtype`: generate in another dtype than the model's (`auto`: bf16 on a GPU and on a CPU with
-      AMX, fp32 elsewhere; None: the model's own). The backend then keeps a copy of the
+    - `dtype`: generate in another dtype than the model's (`auto`: bf16 on a GPU and on a CPU where
+      bf16 is fast, `cpu_bf16_is_fast`: AMX, or AVX512-BF16 and a measured speed-up; fp32
+      elsewhere; None: the model's own). The backend then keeps a copy of the
       model in that dtype, refreshed whenever the model's weights changed (`weights_version`), so an
       fp32 policy can train while generation runs at bf16 speed (3x on this kind of CPU).
     - `generate_kwargs` go to every `model.generate` call, e.g. `{cache_implementation: static}`

@@ -49,6 +49,7 @@ from resume.summarizer.vllm_engine import (
     planned_kv_tokens,
     release_engines,
     shutdown_engine,
+    to_completions,
     vllm_available,
 )
 from resume.utils.config import default_cache_dir
@@ -62,7 +63,8 @@ class VLLMBackend:
 
     Args:
         model, tokenizer: the summarizer's HF model (the weights generated from) and tokenizer.
-        dtype: the engine's dtype; `auto` = bf16 on a GPU and on a CPU with AMX, else fp32.
+        dtype: the engine's dtype; `auto` = bf16 on a GPU and on a CPU where bf16 is fast
+            (`resume.utils.devices.cpu_bf16_is_fast`: AMX, or AVX512-BF16 and a measured speed-up), else fp32.
         enforce_eager: no CUDA graphs / torch.compile. On CPU, compiling took 73 s at start-up for
             1.5x the decode rate: worth it only for long jobs.
         max_num_seqs: sequences decoded together (vLLM's batch).
@@ -361,25 +363,7 @@ class VLLMBackend:
             seeds = [(base * 1_000_003 + i) % 2**63 for i in range(len(prompts))]
         sampling = [self.sampling_params(params, eos, s) for s in seeds]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=e) for e in encoded], sampling, use_tqdm=False)
-        results = []
-        for ids, out in zip(encoded, outputs):
-            group = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                token_ids = list(c.token_ids)
-                logprobs = None
-                if self.logprobs and c.logprobs is not None:
-                    logprobs = [float(step[t].logprob) for step, t in zip(c.logprobs, token_ids)]
-                group.append(
-                    Completion(
-                        text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
-                        token_ids=token_ids,
-                        prompt_ids=list(ids),
-                        finished=c.finish_reason == "stop",
-                        logprobs=logprobs,
-                    )
-                )
-            results.append(group)
-        return results
+        return [to_completions(out, ids, self.tokenizer, self.logprobs) for ids, out in zip(encoded, outputs)]
 
 
 def auto_backend(model: Any, tokenizer: Any, *, hf: Any, vllm: Any, **common: Any) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from resume.summarizer.generate import GenerationShape
+from resume.summarizer.generate import Completion, GenerationShape
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +143,25 @@ def engine_source(model: Any, cache_dir: Path) -> str:
         else:
             tmp.rename(folder)
     return str(folder)
+
+
+def to_completions(output: Any, prompt_ids: list[int], tokenizer: Any, logprobs: bool) -> list[Completion]:
+    """One prompt's `vllm.RequestOutput` as our `Completion`s, in the order of their sample index: the
+    engine's token ids, our tokenizer's text, finished = stopped at an EOS, and the sampled tokens'
+    log-probabilities when they were asked for."""
+    group = []
+    for c in sorted(output.outputs, key=lambda c: c.index):
+        token_ids = list(c.token_ids)
+        lps = None
+        if logprobs and c.logprobs is not None:
+            lps = [float(step[t].logprob) for step, t in zip(c.logprobs, token_ids)]
+        group.append(
+            Completion(
+                text=tokenizer.decode(token_ids, skip_special_tokens=True),
+                token_ids=token_ids,
+                prompt_ids=list(prompt_ids),
+                finished=c.finish_reason == "stop",
+                logprobs=lps,
+            )
+        )
+    return group
