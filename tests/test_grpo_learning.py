@@ -215,22 +215,23 @@ def test_lora_trains_adapters_and_exports_merged_weights(compose_in_tmp, tmp_pat
 
 def _one_sgd_step(compose, out_dir, **changes) -> tuple[dict, torch.nn.Module]:
     """The toy summarizer's weights before, and the model after, one GRPO step of 2 x 4 rollouts with
-    SGD at lr 1 (no clipping): the step is the gradient itself."""
+    SGD at lr 1 (no clipping): the step is the gradient itself. `changes` override the GRPOConfig
+    (`steps=2` for two)."""
     cfg = toy_config(compose)
     summarizer = instantiate(cfg.summarizer)
     data = instantiate(cfg.data)
     before = {n: p.detach().clone() for n, p in summarizer.model.named_parameters()}
-    config = GRPOConfig(
-        steps=1,
-        num_generations=4,
-        prompts_per_step=2,
-        max_new_tokens=8,
-        val_every=0,
-        log_completions_every=0,
-        checkpoint_every=0,
-        max_grad_norm=None,
-        **changes,
-    )
+    settings = {
+        "steps": 1,
+        "num_generations": 4,
+        "prompts_per_step": 2,
+        "max_new_tokens": 8,
+        "val_every": 0,
+        "log_completions_every": 0,
+        "checkpoint_every": 0,
+        "max_grad_norm": None,
+    }
+    config = GRPOConfig(**{**settings, **changes})
     run_grpo(
         summarizer,
         WordStartReward(8),
@@ -287,6 +288,26 @@ def test_tied_gradient_in_place_takes_the_same_step(compose_in_tmp, tmp_path, mo
     assert engaged == [True] * 3  # at each mini-batch's training forward
     updates = _assert_same_step(before, autograd, in_place)
     assert updates["model.embed_tokens.weight"] > 1e-3  # the tied weight itself moved
+
+
+def test_preallocated_gradients_and_heap_reuse_take_the_same_steps(compose_in_tmp, tmp_path):
+    """`preallocate_grads` (zero gradients allocated before the first forward, autograd adding into
+    them) and `reuse_heap` (the backward's blocks from the heap) move every weight exactly as autograd's
+    own allocation does, over two steps of three mini-batches: the second step samples its rollouts
+    from the first step's weights, so any difference would compound."""
+    before, freed = _one_sgd_step(compose_in_tmp, tmp_path / "freed", steps=2, mini_batch_size=3)
+    _, kept = _one_sgd_step(
+        compose_in_tmp,
+        tmp_path / "preallocated",
+        steps=2,
+        mini_batch_size=3,
+        preallocate_grads=True,
+        reuse_heap=True,
+    )
+    moved = max((p.detach() - before[n]).abs().max().item() for n, p in freed.named_parameters())
+    assert moved > 1e-3  # the steps moved the weights: the comparison means something
+    for (name, p), (_, q) in zip(freed.named_parameters(), kept.named_parameters()):
+        assert torch.equal(p, q), name  # 0 + g is g: the same floats, not merely close ones
 
 
 def test_packing_puts_every_completion_in_the_last_columns():

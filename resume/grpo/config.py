@@ -26,6 +26,8 @@ RESUMABLE_CHANGES = (
     "checkpoint_every",
     "tied_grad_in_place",
     "chunked_head",
+    "reuse_heap",
+    "preallocate_grads",
 )
 
 
@@ -75,6 +77,14 @@ class GRPOConfig:
     # [tokens, V] logits kept for the backward. Needs shared_prompt, and a model whose logits are
     # lm_head(hidden) (checked once; else HF's logits are used).
     chunked_head: bool = False
+    # Each micro-batch's backward takes its blocks (recomputed activations, their gradients) from the
+    # heap, whose free pages go back to the system when it ends (resume/utils/memory.heap_reuse): under
+    # train.yaml's 1 MB mmap threshold, no fresh pages to fault in and zero for each of them. Same values.
+    reuse_heap: bool = False
+    # Each update's gradients allocated (zeros) before its first forward, as their own mappings under
+    # train.yaml's 1 MB mmap threshold, rather than by the first backward: with reuse_heap, a
+    # gradient allocated inside the backward would pin the heap's pages. Same values. One process only.
+    preallocate_grads: bool = False
     lora: dict[str, Any] | None = None  # None = full fine-tuning; else {r, alpha, dropout, target_modules}
     log_completions_every: int = 10  # write a table of sample completions every N steps; 0 = never
     log_completions_rows: int = 32  # rows per table (whole groups first)

@@ -34,7 +34,7 @@ from resume.grpo.tied_grad import tied_grad_in_place
 from resume.summarizer.generate import Completion
 from resume.utils import distributed
 from resume.utils.devices import dtype_name
-from resume.utils.memory import PhaseMeter
+from resume.utils.memory import PhaseMeter, heap_reuse
 
 
 class PolicyUpdate:
@@ -123,12 +123,17 @@ class PolicyUpdate:
         losses, norms, lrs = [], [], []
         for _ in range(cfg.num_iterations):
             optimizer.zero_grad()
+            if cfg.preallocate_grads and self._single_process():
+                # zeros before the first forward, so no backward allocates them among its heap blocks
+                # (reuse_heap); autograd then adds into them: the same values (0 + g is g)
+                for p in trainable:
+                    p.grad = torch.zeros_like(p)
             pass_loss = 0.0
             for i, (chunk, old_logps, ref_logps) in enumerate(zip(chunks, old, ref)):
                 with meter("forward"), self._tied_grad():
                     logps, entropies = self._logps(self.policy, chunk)
                     is_w, is_stats = None, {}
-                    if is_mode is not None:  # against the policy before the update (at mu = 1: this forward)
+                    if is_mode is not None:  # against the policy before the update (mu = 1: this forward)
                         before = logps.detach() if old_logps is None else old_logps
                         is_w, is_stats = self._is_weights(chunk, before, is_mode)
                     loss, stats = grpo_loss(
@@ -151,10 +156,15 @@ class PolicyUpdate:
                     )
                 stats = {**stats, **is_stats}
                 weight = microbatch_weight(cfg.loss_type, chunk.rows.stop - chunk.rows.start, size)
-                # DDP averages the ranks' gradients: x world makes it their sum, the whole batch's gradient.
-                # Only the pass's last backward all-reduces; the others accumulate locally.
-                with self._no_sync(i < len(chunks) - 1), meter("backward"):
+                # DDP averages the ranks' gradients: x world makes it their sum, the whole batch's
+                # gradient. Only the pass's last backward all-reduces; the others accumulate locally.
+                # the backward (recomputed activations and their gradients, layer after layer) from the
+                # heap, its free pages returned at the end (memory.heap_reuse); the forward's saved
+                # tensors stay in their own mappings, so they do not pin heap pages.
+                reuse = heap_reuse() if cfg.reuse_heap else contextlib.nullcontext()
+                with reuse, self._no_sync(i < len(chunks) - 1), meter("backward"):
                     self.manual_backward(loss * (weight * world))
+
                 pass_loss += float(loss.detach()) * weight
                 parts.append((stats, float(chunk.completion_mask.sum())))
             with meter("optimizer"):
@@ -197,13 +207,16 @@ class PolicyUpdate:
     def _tied_grad(self) -> Any:
         """`tied_grad_in_place` around a training forward: one process holding whole weights only (its
         `.grad` writes bypass DDP's, FSDP's and DeepSpeed's gradient hooks)."""
+        if self.config.tied_grad_in_place and self._single_process():
+            return tied_grad_in_place(self.policy)
+        return contextlib.nullcontext()
+
+    def _single_process(self) -> bool:
+        """Whether one process holds the whole weights (no DDP, FSDP or DeepSpeed hooks on `.grad`)."""
         from pytorch_lightning.strategies import SingleDeviceStrategy
 
         trainer = self._trainer
-        single = trainer is None or isinstance(trainer.strategy, SingleDeviceStrategy)
-        if self.config.tied_grad_in_place and single:
-            return tied_grad_in_place(self.policy)
-        return contextlib.nullcontext()
+        return trainer is None or isinstance(trainer.strategy, SingleDeviceStrategy)
 
     def _no_sync(self, skip: bool) -> Any:
         """DDP's `no_sync` (gradients accumulate locally, no all-reduce) when `skip`; else nothing."""

@@ -43,7 +43,21 @@ def _glibc(function: str) -> Any:
 
 _MALLOC_TRIM = _glibc("malloc_trim")
 _MALLOPT = _glibc("mallopt")
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD = -1
+
+
+_THRESHOLD_MB: float | None = None  # the fixed threshold set_mmap_threshold last set (None: glibc's own)
+_HEAP_REUSE_MB = 32  # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
+_NO_TRIM = 2**31 - 1  # mallopt takes an int: a free heap top of up to 2 GB stays mapped
+
+
+def _set_thresholds(mmap_mb: float, trim_bytes: int) -> bool:
+    assert _MALLOPT is not None
+    return (
+        _MALLOPT(_M_MMAP_THRESHOLD, int(mmap_mb * 2**20)) == 1
+        and _MALLOPT(_M_TRIM_THRESHOLD, trim_bytes) == 1
+    )
 
 
 def set_mmap_threshold(mb: float | None) -> bool:
@@ -58,7 +72,45 @@ def set_mmap_threshold(mb: float | None) -> bool:
         return False
     if mb <= 0:
         raise ValueError(f"mmap_threshold_mb ({mb}) must be > 0, or null for glibc's default")
-    return _MALLOPT is not None and _MALLOPT(_M_MMAP_THRESHOLD, int(mb * 2**20)) == 1
+    global _THRESHOLD_MB
+    # the heap's free top goes back to the system past 2x the threshold: glibc's own pairing of the two
+    if _MALLOPT is None or not _set_thresholds(mb, int(2 * mb * 2**20)):
+        return False
+    _THRESHOLD_MB = mb
+    return True
+
+
+@contextlib.contextmanager
+def heap_reuse() -> Iterator[None]:
+    """Serve the block's allocations under 32 MB from the heap, then hand its free pages back.
+
+    Under a low fixed mmap threshold (`set_mmap_threshold(1)`), every tensor of 1 MB or more is a
+    fresh mapping whose pages the kernel faults in and zeroes, and a free heap top of 2 MB goes back
+    to the system at once; a training backward allocates and frees the same activation blocks layer
+    after layer, so much of its time is that zeroing. Inside the block the mmap threshold is 32 MB
+    and the heap's free top stays mapped, so freed blocks are reused; on exit both thresholds are
+    restored and `malloc_trim` returns the heap's free pages, so what stays resident after the block
+    is what it left alive. Allocate what outlives the block (gradients, optimizer state) outside it,
+    or it pins heap pages. Without a fixed threshold (glibc's own, or off glibc) only the trim runs.
+    """
+    fixed = _THRESHOLD_MB if _MALLOPT is not None else None
+    if fixed is not None:
+        _set_thresholds(_HEAP_REUSE_MB, _NO_TRIM)
+    try:
+        yield
+    finally:
+        if fixed is not None:
+            _set_thresholds(fixed, int(2 * fixed * 2**20))
+        trim_heap()
+
+
+def trim_heap() -> bool:
+    """Hand glibc's free heap pages back to the system (`malloc_trim(0)`), without a garbage
+    collection; returns whether it ran (False off glibc)."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 def release_memory() -> float:
