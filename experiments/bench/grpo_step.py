@@ -31,7 +31,7 @@ from _models import bench_docs, bench_summarizer
 
 from resume.grpo import GRPOConfig, run_grpo
 from resume.summarizer.vllm_engine import vllm_available
-from resume.utils.memory import PeakRSS, release_memory
+from resume.utils.memory import PeakRSS, release_memory, set_mmap_threshold
 
 
 def text_score(text: str) -> float:
@@ -61,7 +61,13 @@ def _summarizer(args: argparse.Namespace, backend: str = "hf"):
 
 
 def bench_ours(
-    args, docs, backend: str, shared_prompt: bool, precision: str = "32-true", checkpointing: bool = False
+    args,
+    docs,
+    backend: str,
+    shared_prompt: bool,
+    precision: str = "32-true",
+    checkpointing: bool = False,
+    reuse_heap: bool = True,
 ) -> dict[str, list[float]]:
     summarizer = _summarizer(args, backend)
     config = GRPOConfig(
@@ -82,6 +88,8 @@ def bench_ours(
         gradient_checkpointing=checkpointing,
         tied_grad_in_place=True,  # conf/grpo/default.yaml's memory options (same gradient up to rounding)
         chunked_head=shared_prompt,
+        reuse_heap=reuse_heap,  # and its allocator options (same values): see --mmap-threshold-mb
+        preallocate_grads=reuse_heap,
     )
     with tempfile.TemporaryDirectory() as out:
         run_grpo(
@@ -182,7 +190,25 @@ def main() -> None:
         default="off",
         help="gradient checkpointing in our vLLM runs (then through logps.prefix_tree_logps)",
     )
+    ap.add_argument(
+        "--mmap-threshold-mb",
+        type=float,
+        default=None,
+        help="glibc's mmap threshold for the whole process, TRL included (the default run's conf/train.yaml "
+        "sets 1; default: glibc's own, under which reuse_heap only returns the backward's free pages)",
+    )
+    ap.add_argument(
+        "--reuse-heap",
+        choices=("off", "on", "both"),
+        default="on",
+        help="our runs with conf/grpo/default.yaml's reuse_heap + preallocate_grads, without, or both",
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="run our plans this many times, interleaved")
+    ap.add_argument(
+        "--skip-trl", action="store_true", help="no TRL run: ratios against our first run instead"
+    )
     args = ap.parse_args()
+    set_mmap_threshold(args.mmap_threshold_mb)
     precisions = (args.precisions or ("bf16-mixed" if torch.cuda.is_available() else "32-true")).split(",")
     docs = bench_docs(args.prompts * args.steps)
     peaks: dict[str, dict[str, float]] = {}
@@ -195,20 +221,36 @@ def main() -> None:
         return out
 
     trl = "TRL GRPOTrainer (reference)"
-    trl_times = measured(trl, bench_trl, args, docs)
+    trl_times = [] if args.skip_trl else measured(trl, bench_trl, args, docs)
     engine = "vllm" if vllm_available() else "hf"
     plans = (
         []
         if args.skip_before
-        else [("resume run_grpo: HF generate, prompt per row (before)", "hf", False, "32-true", False)]
+        else [("resume run_grpo: HF generate, prompt per row (before)", "hf", False, "32-true", False, False)]
     )
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    reuses = {"off": [False], "on": [True], "both": [False, True]}[args.reuse_heap]
     plans += [
-        (f"resume run_grpo: {engine}, each prompt once, {prec}{', checkpointing' * c}", engine, True, prec, c)
+        (
+            (
+                f"resume run_grpo: {engine}, each prompt once, {prec}{', checkpointing' * c}"
+                f"{', heap reuse' * r if args.reuse_heap == 'both' else ''}"
+            ),
+            engine,
+            True,
+            prec,
+            c,
+            r,
+        )
         for prec in precisions
         for c in ckpts
+        for r in reuses
     ]
-    runs = {name: measured(name, bench_ours, args, docs, *plan) for name, *plan in plans}
+    runs = {}
+    for repeat in range(args.repeats):  # interleaved: A B A B, so drift on a shared machine hits both
+        for name, *plan in plans:
+            label = f"{name} #{repeat + 1}" if args.repeats > 1 else name
+            runs[label] = measured(label, bench_ours, args, docs, *plan)
 
     def med(times: list[float]) -> float:
         return statistics.median(times[1:] or times) if times else float("nan")
@@ -219,7 +261,8 @@ def main() -> None:
         f"max_new_tokens={args.max_new_tokens} steps={args.steps} threads={torch.get_num_threads()}"
     )
     print(
-        "| run | s/step (median, first step excluded) | ratio vs TRL (lower is faster) | "
+        f"| run | s/step (median, first step excluded) | ratio vs {'TRL' if trl_times else 'the first run'}"
+        " (lower is faster) | "
         "peak RSS MB (above the run's start) |"
     )
     print("|---|---|---|---|")
@@ -228,11 +271,15 @@ def main() -> None:
         p = peaks[name]
         return f"{p['peak_mb']:.0f} (+{p['peak_mb'] - p['start_mb']:.0f})"
 
-    ref = med(trl_times)
-    print(f"| {trl} | {ref:.2f} | 1.00 | {peak(trl)} |")
-    for name, t in runs.items():
+    if trl_times:
+        ref = med(trl_times)
+        print(f"| {trl} | {ref:.2f} | 1.00 | {peak(trl)} |")
+    else:  # --skip-trl: the first of our runs is the reference
+        ref = med(next(iter(runs.values()))["time/step"])
+    for i, (name, t) in enumerate(runs.items()):
         step = med(t["time/step"])
-        print(f"| {name} | {step:.2f} | {step / ref:.2f} | {peak(name)} |")
+        label = f"{name} (reference)" if not trl_times and i == 0 else name
+        print(f"| {label} | {step:.2f} | {step / ref:.2f} | {peak(name)} |")
     # Where our step's time and memory go (this rank; medians over the steps after the first).
     parts = [
         "generate",
