@@ -296,7 +296,7 @@ def test_preallocated_gradients_and_heap_reuse_take_the_same_steps(compose_in_tm
     own allocation does, over two steps of three mini-batches: the second step samples its rollouts
     from the first step's weights, so any difference would compound."""
     before, freed = _one_sgd_step(compose_in_tmp, tmp_path / "freed", steps=2, mini_batch_size=3)
-    _, kept = _one_sgd_step(
+    _, preallocated = _one_sgd_step(
         compose_in_tmp,
         tmp_path / "preallocated",
         steps=2,
@@ -306,7 +306,7 @@ def test_preallocated_gradients_and_heap_reuse_take_the_same_steps(compose_in_tm
     )
     moved = max((p.detach() - before[n]).abs().max().item() for n, p in freed.named_parameters())
     assert moved > 1e-3  # the steps moved the weights: the comparison means something
-    for (name, p), (_, q) in zip(freed.named_parameters(), kept.named_parameters()):
+    for (name, p), (_, q) in zip(freed.named_parameters(), preallocated.named_parameters()):
         assert torch.equal(p, q), name  # 0 + g is g: the same floats, not merely close ones
 
 

@@ -158,13 +158,12 @@ class PolicyUpdate:
                 weight = microbatch_weight(cfg.loss_type, chunk.rows.stop - chunk.rows.start, size)
                 # DDP averages the ranks' gradients: x world makes it their sum, the whole batch's
                 # gradient. Only the pass's last backward all-reduces; the others accumulate locally.
-                # the backward (recomputed activations and their gradients, layer after layer) from the
-                # heap, its free pages returned at the end (memory.heap_reuse); the forward's saved
-                # tensors stay in their own mappings, so they do not pin heap pages.
+                # With reuse_heap the backward's blocks (recomputed activations, their gradients) come
+                # from the heap, its free pages returned at the end (memory.heap_reuse); the forward's
+                # saved tensors stay in their own mappings, so they do not pin heap pages.
                 reuse = heap_reuse() if cfg.reuse_heap else contextlib.nullcontext()
                 with reuse, self._no_sync(i < len(chunks) - 1), meter("backward"):
                     self.manual_backward(loss * (weight * world))
-
                 pass_loss += float(loss.detach()) * weight
                 parts.append((stats, float(chunk.completion_mask.sum())))
             with meter("optimizer"):

@@ -45,8 +45,6 @@ _MALLOC_TRIM = _glibc("malloc_trim")
 _MALLOPT = _glibc("mallopt")
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1
-
-
 _THRESHOLD_MB: float | None = None  # the fixed threshold set_mmap_threshold last set (None: glibc's own)
 _HEAP_REUSE_MB = 32  # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
 _NO_TRIM = 2**31 - 1  # mallopt takes an int: a free heap top of up to 2 GB stays mapped
@@ -67,7 +65,9 @@ def set_mmap_threshold(mb: float | None) -> bool:
     so after the first training step every activation and gradient block of a small model comes from
     the heap arenas, whose freed pages stay resident: the default run's GRPO rounds held ~0.6 GB more
     than they used (bench: 5.2 GB peak with glibc's default, 4.6 GB at 1 MB). A fixed threshold also
-    stops the rise. None keeps glibc's behaviour; returns whether it was set (False off glibc)."""
+    stops the rise; the heap's free top is returned past 2x it (glibc's own pairing of the two, fixed
+    here so `heap_reuse` can restore it). None keeps glibc's behaviour; returns whether it was set
+    (False off glibc)."""
     if mb is None:
         return False
     if mb <= 0:
@@ -122,8 +122,7 @@ def release_memory() -> float:
     """
     before = rss_mb()
     gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    trim_heap()
     return max(0.0, before - rss_mb())
 
 
