@@ -50,12 +50,12 @@ _HEAP_REUSE_MB = 32  # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE /
 _NO_TRIM = 2**31 - 1  # mallopt takes an int: a free heap top of up to 2 GB stays mapped
 
 
-def _set_thresholds(mmap_mb: float, trim_bytes: int) -> bool:
+def _set_thresholds(mmap_mb: float, trim_bytes: int | None = None) -> bool:
+    """glibc's mmap threshold and heap-top trim threshold (None: 2x the mmap threshold, glibc's own
+    pairing of the two)."""
     assert _MALLOPT is not None
-    return (
-        _MALLOPT(_M_MMAP_THRESHOLD, int(mmap_mb * 2**20)) == 1
-        and _MALLOPT(_M_TRIM_THRESHOLD, trim_bytes) == 1
-    )
+    trim = int(2 * mmap_mb * 2**20) if trim_bytes is None else trim_bytes
+    return _MALLOPT(_M_MMAP_THRESHOLD, int(mmap_mb * 2**20)) == 1 and _MALLOPT(_M_TRIM_THRESHOLD, trim) == 1
 
 
 def set_mmap_threshold(mb: float | None) -> bool:
@@ -73,8 +73,7 @@ def set_mmap_threshold(mb: float | None) -> bool:
     if mb <= 0:
         raise ValueError(f"mmap_threshold_mb ({mb}) must be > 0, or null for glibc's default")
     global _THRESHOLD_MB
-    # the heap's free top goes back to the system past 2x the threshold: glibc's own pairing of the two
-    if _MALLOPT is None or not _set_thresholds(mb, int(2 * mb * 2**20)):
+    if _MALLOPT is None or not _set_thresholds(mb):
         return False
     _THRESHOLD_MB = mb
     return True
@@ -93,14 +92,14 @@ def heap_reuse() -> Iterator[None]:
     is what it left alive. Allocate what outlives the block (gradients, optimizer state) outside it,
     or it pins heap pages. Without a fixed threshold (glibc's own, or off glibc) only the trim runs.
     """
-    fixed = _THRESHOLD_MB if _MALLOPT is not None else None
+    fixed = _THRESHOLD_MB  # only ever set where glibc's mallopt is there
     if fixed is not None:
         _set_thresholds(_HEAP_REUSE_MB, _NO_TRIM)
     try:
         yield
     finally:
         if fixed is not None:
-            _set_thresholds(fixed, int(2 * fixed * 2**20))
+            _set_thresholds(fixed)
         trim_heap()
 
 
