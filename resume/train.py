@@ -168,6 +168,9 @@ def _run(cfg: DictConfig, t0: float) -> dict[str, Any]:
             "wall_time_s": round(time.perf_counter() - t0, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+        anon = [m["peak_anon_mb"] for m in results.get("memory_mb", {}).values() if "peak_anon_mb" in m]
+        if anon:  # the part of the peak that is the run's own memory (not the libraries' file pages)
+            results["peak_anon_mb"] = max(anon)
         if distributed.world_size() > 1:
             results["peak_rss_mb_per_rank"] = distributed.all_gather(results["peak_rss_mb"])
         status = "success"
@@ -178,7 +181,8 @@ def _run(cfg: DictConfig, t0: float) -> dict[str, Any]:
         atomic_write_text(out / "results.md", table + "\n")
         print(table)
         seconds, rss = results["wall_time_s"], results["peak_rss_mb"]
-        print(f"\nrun folder: {out} ({seconds:.0f} s, peak RSS {rss:.0f} MB)")
+        anon = f", {results['peak_anon_mb']:.0f} MB of it anonymous" if "peak_anon_mb" in results else ""
+        print(f"\nrun folder: {out} ({seconds:.0f} s, peak RSS {rss:.0f} MB{anon})")
         return results
     finally:
         close_loggers(loggers, status)

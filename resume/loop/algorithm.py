@@ -169,6 +169,8 @@ class Loop:
         rec, old = mem.record(), self.phase_memory.get(key)
         if old is not None:
             rec = {**rec, "start_mb": old["start_mb"], "peak_mb": max(old["peak_mb"], rec["peak_mb"])}
+            if "peak_anon_mb" in old and "peak_anon_mb" in rec:
+                rec["peak_anon_mb"] = max(old["peak_anon_mb"], rec["peak_anon_mb"])
         self.phase_memory[key] = rec
         log.info(
             "%s: %.1f s, resident memory peak %.0f MB, %.0f MB at the end (%.0f MB released)",

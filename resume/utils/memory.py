@@ -26,10 +26,26 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def rss_mb() -> float:
     """This process's resident set now, in MB (the peak so far where /proc is missing)."""
+    return rss_split_mb()[0]
+
+
+def rss_split_mb() -> tuple[float, float | None]:
+    """(resident MB, of which anonymous MB) now; anonymous is None where /proc is missing (the first
+    figure is then the peak so far).
+
+    The rest of the resident set is file pages: the libraries' code and data (torch, vLLM) and
+    mapped weight files. Those are clean and shared, and how many of them a process maps depends on
+    the page cache, not on the run: a freshly installed .venv, whose files are all still cached,
+    maps ~0.15 GB more of them than the same code does once the cache has moved on (measured:
+    `import torch` maps 123 MB of libtorch files right after `pip install`, 80 MB after they are
+    dropped from the cache). The anonymous part (tensors, Python objects, heap) is what a run uses.
+    """
     try:
-        return int(_STATM.read_text().split()[1]) * _PAGE / 2**20
+        fields = _STATM.read_text().split()
+        resident, shared = int(fields[1]) * _PAGE / 2**20, int(fields[2]) * _PAGE / 2**20
+        return resident, resident - shared
     except (OSError, IndexError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, None
 
 
 def _glibc(function: str) -> Any:
@@ -126,20 +142,30 @@ def release_memory() -> float:
 
 
 class PeakRSS:
-    """`with PeakRSS() as m: ...` then `m.record()`: {start_mb, peak_mb, end_mb} of the block."""
+    """`with PeakRSS() as m: ...` then `m.record()`: {start_mb, peak_mb, end_mb} of the block, and
+    `peak_anon_mb`, the largest anonymous part of the resident set (see `rss_split_mb`), where /proc
+    has it."""
 
     def __init__(self, interval_s: float = 0.1) -> None:
         self.interval_s = interval_s
         self.start_mb = self.peak_mb = self.end_mb = 0.0
+        self.peak_anon_mb: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _take(self) -> float:
+        resident, anon = rss_split_mb()
+        self.peak_mb = max(self.peak_mb, resident)
+        if anon is not None:
+            self.peak_anon_mb = max(self.peak_anon_mb or 0.0, anon)
+        return resident
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak_mb = max(self.peak_mb, rss_mb())
+            self._take()
 
     def __enter__(self) -> Self:
-        self.start_mb = self.peak_mb = rss_mb()
+        self.start_mb = self._take()
         self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
         self._thread.start()
         return self
@@ -150,15 +176,17 @@ class PeakRSS:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.end_mb = rss_mb()
-        self.peak_mb = max(self.peak_mb, self.end_mb)
+        self.end_mb = self._take()
 
     def record(self) -> dict[str, float]:
-        return {
+        rec = {
             "start_mb": round(self.start_mb, 1),
             "peak_mb": round(self.peak_mb, 1),
             "end_mb": round(self.end_mb, 1),
         }
+        if self.peak_anon_mb is not None:
+            rec["peak_anon_mb"] = round(self.peak_anon_mb, 1)
+        return rec
 
 
 class PhaseMeter:

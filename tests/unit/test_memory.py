@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import mmap
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from resume.utils.memory import PhaseMeter, rss_mb, set_mmap_threshold
+from resume.utils.memory import PeakRSS, PhaseMeter, rss_mb, rss_split_mb, set_mmap_threshold
 
 
 def test_phase_meter_adds_seconds_over_repeats_and_sees_memory_a_part_holds():
@@ -117,3 +120,28 @@ def test_heap_reuse_restores_the_fixed_thresholds_and_leaves_glibcs_own_alone(mo
         assert calls == [(-3, 32 * 2**20), (-1, 2**31 - 1)]
         raise RuntimeError("inside")
     assert calls[2:] == [(-3, 2**20), (-1, 2 * 2**20), ("trim", 0)]  # restored even when the block raises
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
+def test_peak_rss_tells_the_runs_own_memory_from_mapped_file_pages(tmp_path):
+    """A touched file mapping raises the resident set, not its anonymous part; a touched array raises both."""
+    data = tmp_path / "weights.bin"
+    data.write_bytes(os.urandom(48 * 2**20))
+    anon_before = rss_split_mb()[1]
+    with (
+        PeakRSS(interval_s=0.01) as file_block,
+        data.open("rb") as f,
+        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+    ):
+        checksum = sum(mapped[i] for i in range(0, len(mapped), 4096))  # every page faulted in
+        time.sleep(0.05)
+    with PeakRSS(interval_s=0.01) as anon_block:
+        held = np.ones(48 * 2**20 // 8)  # touched: anonymous and resident
+        time.sleep(0.05)
+    file_rec, anon_rec = file_block.record(), anon_block.record()
+    assert checksum >= 0 and held.sum() > 0
+    assert file_rec["peak_mb"] - file_rec["start_mb"] > 40  # the file's pages counted as resident ...
+    assert file_rec["peak_anon_mb"] - anon_before < 10  # ... but not as the process's own memory
+    assert anon_rec["peak_anon_mb"] > file_rec["peak_anon_mb"] + 40  # ... an array's as anonymous too
+    resident, anon = rss_split_mb()
+    assert anon is not None and 0 < anon < resident
