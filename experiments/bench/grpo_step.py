@@ -68,6 +68,7 @@ def bench_ours(
     precision: str = "32-true",
     checkpointing: bool = False,
     reuse_heap: bool = True,
+    tree_attention: bool = True,
 ) -> dict[str, list[float]]:
     summarizer = _summarizer(args, backend)
     config = GRPOConfig(
@@ -90,6 +91,7 @@ def bench_ours(
         chunked_head=shared_prompt,
         reuse_heap=reuse_heap,  # and its allocator options (same values): see --mmap-threshold-mb
         preallocate_grads=reuse_heap,
+        tree_attention=tree_attention,  # the prefix tree's prompt causal and unmasked (same values)
     )
     with tempfile.TemporaryDirectory() as out:
         run_grpo(
@@ -203,6 +205,12 @@ def main() -> None:
         default="on",
         help="our runs with conf/grpo/default.yaml's reuse_heap + preallocate_grads, without, or both",
     )
+    ap.add_argument(
+        "--tree-attention",
+        choices=("off", "on", "both"),
+        default="on",
+        help="our checkpointed runs with conf/grpo/default.yaml's tree_attention, without, or both",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="run our plans this many times, interleaved")
     ap.add_argument(
         "--skip-trl", action="store_true", help="no TRL run: ratios against our first run instead"
@@ -230,21 +238,25 @@ def main() -> None:
     )
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     reuses = {"off": [False], "on": [True], "both": [False, True]}[args.reuse_heap]
+    trees = {"off": [False], "on": [True], "both": [False, True]}[args.tree_attention]
     plans += [
         (
             (
                 f"resume run_grpo: {engine}, each prompt once, {prec}{', checkpointing' * c}"
                 f"{', heap reuse' * r if args.reuse_heap == 'both' else ''}"
+                f"{', tree attention' * t if args.tree_attention == 'both' else ''}"
             ),
             engine,
             True,
             prec,
             c,
             r,
+            t,
         )
         for prec in precisions
         for c in ckpts
         for r in reuses
+        for t in (trees if c else [False])  # tree attention acts on the checkpointed (prefix-tree) path
     ]
     runs = {}
     for repeat in range(args.repeats):  # interleaved: A B A B, so drift on a shared machine hits both

@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = (
     "chunked_head",
     "reuse_heap",
     "preallocate_grads",
+    "tree_attention",
 )
 
 
@@ -85,6 +86,10 @@ class GRPOConfig:
     # train.yaml's 1 MB mmap threshold, rather than by the first backward: with reuse_heap, a
     # gradient allocated inside the backward would pin the heap's pages. Same values. One process only.
     preallocate_grads: bool = False
+    # Under gradient checkpointing (the prefix-tree path), each prompt's own queries attend causally
+    # without the tree's mask, so SDPA skips the blocks above the diagonal (resume/grpo/tree_attention.py):
+    # ~half the attention work at P ~ 755, k C = 252. Same values up to float rounding. SDPA models only.
+    tree_attention: bool = False
     lora: dict[str, Any] | None = None  # None = full fine-tuning; else {r, alpha, dropout, target_modules}
     log_completions_every: int = 10  # write a table of sample completions every N steps; 0 = never
     log_completions_rows: int = 32  # rows per table (whole groups first)

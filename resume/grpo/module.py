@@ -59,6 +59,7 @@ from resume.grpo.config import RESUMABLE_CHANGES, GRPOConfig
 from resume.grpo.history import finite, sample_rows, write_history, write_samples
 from resume.grpo.lora import add_lora
 from resume.grpo.rollouts import doc_pair
+from resume.grpo.tree_attention import use_tree_attention
 from resume.grpo.update import PolicyUpdate
 from resume.summarizer.generate import Completion, GenerationParams
 from resume.utils import distributed
@@ -142,6 +143,10 @@ class GRPOModule(PolicyUpdate, pl.LightningModule):
             object.__setattr__(self, "_peft", add_lora(policy, config.lora))
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # switched back in finalize; None when off or the model is not on SDPA
+        self._restore_attention: Callable[[], None] | None = None
+        if config.tree_attention and config.shared_prompt and config.gradient_checkpointing:
+            self._restore_attention = use_tree_attention(policy)
         # The reference (initial policy): with LoRA the base model itself (adapters disabled), else a
         # frozen copy, made only when the KL term needs it.
         self.reference: torch.nn.Module | None = None
@@ -377,6 +382,9 @@ class GRPOModule(PolicyUpdate, pl.LightningModule):
             merged = self._peft.merge_and_unload()
             assert merged is policy, "peft merged into a new model object; the summarizer would not see it"
             object.__setattr__(self, "_peft", None)
+        if self._restore_attention is not None:
+            self._restore_attention()
+            self._restore_attention = None
         if self.config.gradient_checkpointing:
             policy.gradient_checkpointing_disable()
         for name, p in policy.named_parameters():
