@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
@@ -155,6 +156,11 @@ def test_adapted_baseline_trains_on_documents_without_a_summarizer(compose_in_tm
     assert {it["dev"]["ndcg@10"] for it in results["iterations"]}  # dev evaluated over documents
     for key, mem in results["memory_mb"].items():
         assert 0 < mem["start_mb"] <= mem["peak_mb"], key
+        if Path("/proc/self/statm").exists():  # the run's own part of the peak (no library file pages)
+            assert 0 < mem["peak_anon_mb"] < mem["peak_mb"], key
+    if Path("/proc/self/statm").exists():
+        assert results["peak_anon_mb"] == max(m["peak_anon_mb"] for m in results["memory_mb"].values())
+        assert results["peak_anon_mb"] < results["peak_rss_mb"]
 
 
 def test_adapted_fixed_summary_adapts_on_the_untrained_summaries(compose_in_tmp, tmp_path):
