@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from resume.grpo import tree_attention
 from resume.grpo.logps import prefix_tree_logps
@@ -16,19 +16,24 @@ from resume.summarizer.generate import Completion
 LAYERS = 2
 
 
-def _model(attn: str = "sdpa") -> LlamaForCausalLM:
+def _model(attn: str = "sdpa", arch: str = "llama") -> torch.nn.Module:
+    """A tiny random Llama (SmolLM2's architecture) or Qwen3 (the paper's summarizer's)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config_cls, model_cls = (
+        (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen3Config, Qwen3ForCausalLM)
+    )
+    config = config_cls(
         vocab_size=96,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=8,
         max_position_embeddings=256,
         initializer_range=0.2,
     )
-    return LlamaForCausalLM._from_config(config, attn_implementation=attn).train()
+    return model_cls._from_config(config, attn_implementation=attn).train()
 
 
 def _groups() -> list[Completion]:
@@ -50,9 +55,9 @@ def _logps_and_grads(model: torch.nn.Module, packed) -> tuple[torch.Tensor, dict
     return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_tree_attention_gives_sdpas_log_probs_and_gradients(checkpointing, monkeypatch):
-    model = _model()
+@pytest.mark.parametrize(("arch", "checkpointing"), [("llama", False), ("llama", True), ("qwen3", True)])
+def test_tree_attention_gives_sdpas_log_probs_and_gradients(arch, checkpointing, monkeypatch):
+    model = _model(arch=arch)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     completions = _groups()
