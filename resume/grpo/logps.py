@@ -23,7 +23,7 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from resume.grpo.head_logps import head_logps
 from resume.grpo.rollouts import PackedBatch
-from resume.grpo.tree_attention import TREE_SDPA
+from resume.grpo.tree_attention import TREE_SDPA, attention_implementation
 
 # (model, prompt, ids, mask, head) -> what predicts the [k, C] completion tokens: [k, C, V] logits, or with
 # head=True the [k, C, D] last hidden states that head_logps projects a few rows at a time
@@ -198,7 +198,7 @@ def _tree_segment_logits(
     # the prompt's last position predicts every row's first token; row r's j-th fed token its (j+1)-th
     keep = torch.cat([torch.tensor([p - 1]), p + torch.arange(k * c)]).to(device)
     # on `TREE_SDPA` the prompt's queries run causally, without the mask's blocks above the diagonal
-    tree = {"tree_prompt_length": p} if _implementation(model) == TREE_SDPA else {}
+    tree = {"tree_prompt_length": p} if attention_implementation(model) == TREE_SDPA else {}
     out = _outputs(
         model,
         head,
@@ -225,13 +225,9 @@ def _prefix_tree_mask(p: int, k: int, c: int, device: torch.device) -> Tensor:
     return causal & (same_row | key_in_prompt)
 
 
-def _implementation(model: torch.nn.Module) -> str:
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
-
-
 def _as_model_mask(model: torch.nn.Module, attend: Tensor) -> Tensor:
     """The mask as the model's attention takes a custom 4D one: boolean for SDPA, additive otherwise."""
-    if _implementation(model) in ("sdpa", TREE_SDPA):
+    if attention_implementation(model) in ("sdpa", TREE_SDPA):
         return attend[None, None]
     dtype = next(model.parameters()).dtype
     return torch.zeros(attend.shape, dtype=dtype, device=attend.device).masked_fill(

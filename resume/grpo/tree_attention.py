@@ -62,14 +62,18 @@ AttentionInterface.register(TREE_SDPA, prefix_tree_sdpa)
 AttentionMaskInterface.register(TREE_SDPA, sdpa_mask)
 
 
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The attention a transformers model runs (`config._attn_implementation`); "eager" when unset."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+
+
 def use_tree_attention(model: torch.nn.Module) -> Callable[[], None] | None:
     """Switch `model` (a transformers model on SDPA) to `TREE_SDPA`; returns the function that switches
     it back, or None (nothing changed) for a model on another attention or one that cannot switch."""
-    on_sdpa = getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
-    if not on_sdpa or not hasattr(model, "set_attn_implementation"):
+    if attention_implementation(model) != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return None
     model.set_attn_implementation(TREE_SDPA)
-    if model.config._attn_implementation != TREE_SDPA:
+    if attention_implementation(model) != TREE_SDPA:
         return None
 
     def restore() -> None:
