@@ -33,6 +33,8 @@ from resume.grpo import GRPOConfig, run_grpo
 from resume.summarizer.vllm_engine import vllm_available
 from resume.utils.memory import PeakRSS, release_memory, set_mmap_threshold
 
+SWITCH = {"off": [False], "on": [True], "both": [False, True]}  # an off|on|both flag: the settings it runs
+
 
 def text_score(text: str) -> float:
     """Distinct words over 64, capped at 1: cheap, deterministic, varied within a group."""
@@ -236,9 +238,7 @@ def main() -> None:
         if args.skip_before
         else [("resume run_grpo: HF generate, prompt per row (before)", "hf", False, "32-true", False, False)]
     )
-    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
-    reuses = {"off": [False], "on": [True], "both": [False, True]}[args.reuse_heap]
-    trees = {"off": [False], "on": [True], "both": [False, True]}[args.tree_attention]
+    ckpts, reuses, trees = (SWITCH[a] for a in (args.checkpointing, args.reuse_heap, args.tree_attention))
     plans += [
         (
             (
