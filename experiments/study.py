@@ -107,6 +107,8 @@ JOBS = [
     Job("iterative", "no_negatives", seed=1, extra=LATER),
     # A second seed of the last ablation, so every Table 3 row has two.
     Job("iterative", "no_discrete_reward", seed=1, extra=LATER),
+    # The extractive control: the original retriever over each document's first 75 words (no LLM).
+    Job("lead"),
 ]
 
 # What a finished run folder contributes to the committed results (globs relative to it).

@@ -82,6 +82,7 @@ def build_loop(
         select_split=cfg.loop.select_split,
         eval_points=OmegaConf.to_container(cfg.loop.eval_points, resolve=True),
         adapt_view=cfg.loop.adapt_view,
+        lead_words=cfg.loop.lead_words,
         seed=cfg.seed,
     )
     tok = retriever.tokenizer

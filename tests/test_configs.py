@@ -234,3 +234,15 @@ def test_control_rows_share_the_iterative_rows_recipe(compose_in_tmp, control):
     assert diff, "a control row must change something"
     assert all(k.split(".")[-1] in text for k in diff), f"{control} changes keys it does not name: {diff}"
     assert not [k for k in diff if k.split(".")[0] in {"adaptation", "retriever", "reward", "budget", "data"}]
+
+
+def test_the_lead_control_is_the_baseline_over_shorter_texts(compose_in_tmp):
+    """`lead` differs from `baseline` only in the keys its file names: same retriever, data and budget,
+    no training; only what is indexed (each document's first `loop.lead_words` words) changes."""
+    base = _flat(compose_in_tmp(["experiment=baseline"]))
+    mine = _flat(compose_in_tmp(["experiment=lead"]))
+    diff = {k for k in set(base) | set(mine) if base.get(k) != mine.get(k)}
+    text = (CONFIG_DIR / "experiment" / "lead.yaml").read_text()
+    assert diff >= {"corpus_view", "experiment_name"}
+    assert all(k.split(".")[-1] in text for k in diff if k != "run_name"), diff
+    assert mine["loop.max_iterations"] == 0 and mine["loop.lead_words"] >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,20 @@ def test_adapted_baseline_trains_on_documents_without_a_summarizer(compose_in_tm
     if Path("/proc/self/statm").exists():
         assert results["peak_anon_mb"] == max(m["peak_anon_mb"] for m in results["memory_mb"].values())
         assert results["peak_anon_mb"] < results["peak_rss_mb"]
+
+
+def test_the_lead_row_indexes_each_documents_first_words(compose_in_tmp, tmp_path):
+    """experiment=lead: the original retriever over the first `loop.lead_words` words of each document,
+    no LLM; with a lead longer than every document it is the baseline to the digit."""
+    short = run(compose_in_tmp(["debug=smoke", "experiment=lead", "loop.lead_words=3", "logger=none"]))
+    assert short["summarizer"] is None
+    assert [(r["row"], r["view"]) for r in short["rows"]] == [("lead", "lead")] * 2
+    shutil.rmtree(tmp_path / "out")
+    whole = run(compose_in_tmp(["debug=smoke", "experiment=lead", "loop.lead_words=100000", "logger=none"]))
+    shutil.rmtree(tmp_path / "out")
+    base = run(compose_in_tmp(["debug=smoke", "experiment=baseline", "logger=none"]))
+    assert [r["metrics"] for r in whole["rows"]] == [r["metrics"] for r in base["rows"]]
+    assert [r["metrics"] for r in short["rows"]] != [r["metrics"] for r in base["rows"]]
 
 
 def test_adapted_fixed_summary_adapts_on_the_untrained_summaries(compose_in_tmp, tmp_path):

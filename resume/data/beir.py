@@ -83,6 +83,10 @@ class RetrievalData:
         """Doc id -> title and body as the retriever reads a document (the baseline's index texts)."""
         return {d: doc.full_text for d, doc in self.corpus.items()}
 
+    def lead_texts(self, words: int) -> dict[str, str]:
+        """Doc id -> the first `words` words of its full text (the `lead` view: an extractive control)."""
+        return {d: " ".join(text.split()[:words]) for d, text in self.full_texts().items()}
+
     def describe(self) -> dict[str, object]:
         """What every result records about the data it was computed on."""
         out: dict[str, object] = {

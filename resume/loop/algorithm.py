@@ -31,7 +31,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from resume.data import RetrievalData
-from resume.loop.config import LoopConfig
+from resume.loop.config import VIEWS, LoopConfig
 from resume.loop.records import PhaseRecords
 from resume.utils import distributed
 from resume.utils.memory import PeakRSS, release_memory
@@ -59,8 +59,8 @@ class Loop:
     ) -> None:
         """`summarizer` builds the summarizer lazily (the baseline never loads an LLM); `summarize`,
         `grpo` and `adapt` are the phases, each None when the experiment does not use it."""
-        if corpus_view not in ("documents", "summaries"):
-            raise ValueError(f"corpus_view={corpus_view!r} must be 'documents' or 'summaries'")
+        if corpus_view not in VIEWS:
+            raise ValueError(f"corpus_view={corpus_view!r} must be one of {VIEWS}")
         self.config = config or LoopConfig()
         needs_summaries = corpus_view == "summaries" or (
             self.config.max_iterations > 0 and (grpo is not None or self.config.adapt_view == "summaries")
@@ -124,8 +124,10 @@ class Loop:
         return self.data.full_texts()
 
     def _texts(self, view: str, iteration: int) -> dict[str, str]:
-        """What `view` indexes after `iteration`: the documents, or that iteration's summaries."""
-        return self.documents() if view == "documents" else self.summaries(f"iter{iteration}")
+        """What `view` indexes after `iteration`: the documents, their leads or that iteration's summaries."""
+        if view == "summaries":
+            return self.summaries(f"iter{iteration}")
+        return self.data.lead_texts(self.config.lead_words) if view == "lead" else self.documents()
 
     def summaries(self, label: str) -> dict[str, str]:
         """Summaries of the whole corpus by the current summarizer (cached by weights and settings)."""

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-VIEWS = ("documents", "summaries")
+VIEWS = ("documents", "summaries", "lead")  # lead: each document's first `lead_words` words
 STAGES = ("summarized", "adapted")
 
 
@@ -22,8 +22,9 @@ class EvalPoint:
     `iteration` t and `stage` say when: `summarized` is after step 2 of iteration t (the corpus
     summarized by theta_t, the retriever still phi_{t-1}); `adapted` after step 3 (phi_t).
     Iteration 0 is the initial state (theta_0, phi_0; stage `summarized` only). `view` is what
-    is indexed: the original `documents` or the `summaries` of theta_t. `splits` empty means
-    the run's evaluation splits.
+    is indexed: the original `documents`, the `summaries` of theta_t, or the `lead` of each
+    document (its first `loop.lead_words` words: the extractive control a summary must beat).
+    `splits` empty means the run's evaluation splits.
 
     The paper's Table 1 from one run: `baseline` (t=0, documents), `fixed_summary` (t=0,
     summaries) and `non_iterative` (t=1, summarized: one GRPO round, original retriever).
@@ -73,10 +74,13 @@ class LoopConfig:
     eval_points: Sequence[EvalPoint] = field(default_factory=tuple)
     adapt_view: str = "summaries"  # what step 3 pairs with the training queries: summaries | documents
     seed: int = 0  # every phase starts from seed-derived RNG states
+    lead_words: int = 75  # the `lead` view: each document's first this many words (title included)
 
     def __post_init__(self) -> None:
         if self.max_iterations < 0:
             raise ValueError(f"loop.max_iterations={self.max_iterations} must be >= 0")
+        if self.lead_words < 1:
+            raise ValueError(f"loop.lead_words={self.lead_words} must be >= 1")
         if self.adapt_view not in VIEWS:
             raise ValueError(f"loop.adapt_view={self.adapt_view!r} must be one of {VIEWS}")
         self.eval_points = tuple(

@@ -25,6 +25,17 @@ def test_eval_points_from_config_and_their_errors():
         EvalPoint("x", 0, stage="adapted")
     with pytest.raises(ValueError, match="view="):
         EvalPoint("x", view="titles")
+    assert EvalPoint("x", view="lead").view == "lead"
+    with pytest.raises(ValueError, match="loop.lead_words=0 must be >= 1"):
+        LoopConfig(lead_words=0)
+
+
+def test_lead_texts_are_each_documents_first_words():
+    from resume.data.beir import Document, RetrievalData
+
+    data = RetrievalData("d", {"a": Document("A title", "one two  three\nfour"), "b": Document("", "x")}, {})
+    assert data.lead_texts(3) == {"a": "A title one", "b": "x"}
+    assert data.lead_texts(100) == {"a": "A title one two three four", "b": "x"}
 
 
 def test_stop_on_names_the_selection_split():
