@@ -113,6 +113,7 @@ JOBS = [
     Job("lead"),
     Job("lead", seed=1),
     Job("lead", seed=2),
+    Job("lead", data="nfcorpus", extra=NFCORPUS),  # the same control in Table 2
 ]
 
 # What a finished run folder contributes to the committed results (globs relative to it).
