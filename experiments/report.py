@@ -590,7 +590,7 @@ def efficiency(groups, data: str) -> str:
             n_words = f"{np.mean([len(words(x)) for x in texts]):.1f}" if texts else "–"
             # the row's first split encoded the corpus; its later splits found the embeddings cached
             encodes = [x.get("seconds", {}).get("encode_corpus") for x in res["rows"] if x["row"] == row]
-            enc = max((e for e in encodes if e is not None), default=None)
+            enc = max((sec for sec in encodes if sec is not None), default=None)
             lines.append(
                 f"| {row} | {r.get('view', '–')} | {n_words} | {r.get('index', {}).get('bytes', '–')} | "
                 f"{enc if enc is not None else '–'} |"
