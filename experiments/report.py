@@ -60,6 +60,7 @@ CONTROL_ROWS = {  # not in the paper: conf/experiment/adapted_*.yaml and lead.ya
     "adapted_baseline": "control: adapted baseline (documents)",
     "adapted_fixed_summary": "control: adapted fixed summary",
     "lead": "control: lead (each document's first words)",
+    "adapted_lead": "control: adapted lead",
 }
 ABLATIONS = ablation_names()
 TABLE1_METRICS = ["mrr@10", "ndcg@10", "recall@100", "recall@1000"]

@@ -114,6 +114,7 @@ JOBS = [
     Job("lead", seed=1),
     Job("lead", seed=2),
     Job("lead", data="nfcorpus", extra=NFCORPUS),  # the same control in Table 2
+    Job("adapted_lead"),  # the lead with the full model's adaptation (T rounds on query-lead pairs)
 ]
 
 # What a finished run folder contributes to the committed results (globs relative to it).

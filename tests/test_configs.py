@@ -221,7 +221,7 @@ def test_slurm_launcher_preset_composes():
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.max_num_timeout) == (1, 1, 3)
 
 
-@pytest.mark.parametrize("control", ["adapted_baseline", "adapted_fixed_summary"])
+@pytest.mark.parametrize("control", ["adapted_baseline", "adapted_fixed_summary", "adapted_lead"])
 def test_control_rows_share_the_iterative_rows_recipe(compose_in_tmp, control):
     """A control row differs from `iterative` only in the keys its file names (and the Table 1
     evaluation points, which only `iterative` lists): adaptation, retriever, reward and budget are

@@ -178,6 +178,17 @@ def test_the_lead_row_indexes_each_documents_first_words(compose_in_tmp, tmp_pat
     assert [r["metrics"] for r in short["rows"]] != [r["metrics"] for r in base["rows"]]
 
 
+def test_adapted_lead_adapts_on_the_leads_without_a_summarizer(compose_in_tmp, tmp_path):
+    results = run(
+        compose_in_tmp(["debug=smoke", "experiment=adapted_lead", "loop.lead_words=3", "logger=none"])
+    )
+    assert results["summarizer"] is None
+    assert [(r["row"], r["view"]) for r in results["rows"]] == [("adapted_lead", "lead")] * 2
+    assert [it["adapt"]["view"] for it in results["iterations"]] == ["lead", "lead"]
+    phases = sorted(p.stem for p in (tmp_path / "out" / "phases").glob("*.json"))
+    assert phases == ["iter1-adapt", "iter2-adapt"]
+
+
 def test_adapted_fixed_summary_adapts_on_the_untrained_summaries(compose_in_tmp, tmp_path):
     results = run(compose_in_tmp(["debug=smoke", "experiment=adapted_fixed_summary", "logger=none"]))
     assert [r["view"] for r in results["rows"]] == ["summaries"] * 2
