@@ -22,7 +22,7 @@ from _models import bench_summarizer
 
 from resume.grpo.logps import prefix_tree_logps
 from resume.grpo.rollouts import pack_completions
-from resume.grpo.tree_attention import use_tree_attention
+from resume.grpo.tree_attention import attention_implementation, use_tree_attention
 from resume.summarizer.generate import Completion
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = bench_summarizer(args.summarizer, 128).model.float().train()
-    attention = getattr(model.config, "_attn_implementation", None)
+    attention = attention_implementation(model)
     if attention != "sdpa":
         raise SystemExit(f"the model runs {attention!r} attention; tree attention needs sdpa")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
