@@ -71,6 +71,7 @@ def bench_ours(
     checkpointing: bool = False,
     reuse_heap: bool = True,
     tree_attention: bool = True,
+    autocast: str = "off",
 ) -> dict[str, list[float]]:
     summarizer = _summarizer(args, backend)
     config = GRPOConfig(
@@ -94,6 +95,7 @@ def bench_ours(
         reuse_heap=reuse_heap,  # and its allocator options (same values): see --mmap-threshold-mb
         preallocate_grads=reuse_heap,
         tree_attention=tree_attention,  # the prefix tree's prompt causal and unmasked (same values)
+        autocast=autocast,  # the update's forwards under bf16 autocast (fp32 master weights)
     )
     with tempfile.TemporaryDirectory() as out:
         run_grpo(
@@ -114,7 +116,7 @@ def bench_ours(
     return {k: [h[k] for h in history if h.get(k) is not None] for k in keys}
 
 
-def bench_trl(args, docs) -> list[float]:
+def bench_trl(args, docs, bf16: bool) -> list[float]:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig as TRLConfig
@@ -148,7 +150,7 @@ def bench_trl(args, docs) -> list[float]:
         temperature=1.0,
         top_p=1.0,
         top_k=0,
-        bf16=cuda,
+        bf16=bf16,  # HF Trainer's autocast (CPU or GPU), fp32 master weights
         use_cpu=not cuda,
         report_to=[],
         save_strategy="no",
@@ -213,9 +215,20 @@ def main() -> None:
         default="on",
         help="our checkpointed runs with conf/grpo/default.yaml's tree_attention, without, or both",
     )
+    ap.add_argument(
+        "--autocast",
+        default="off",
+        help="grpo.config.autocast of our vLLM runs, comma-separated (off, bf16, auto), e.g. off,bf16",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="run our plans this many times, interleaved")
     ap.add_argument(
         "--skip-trl", action="store_true", help="no TRL run: ratios against our first run instead"
+    )
+    ap.add_argument(
+        "--trl-precisions",
+        default=None,
+        help="TRL runs, comma-separated fp32 and/or bf16 (its bf16=True: autocast); the first is the "
+        "reference (default: GPU bf16, CPU fp32)",
     )
     args = ap.parse_args()
     set_mmap_threshold(args.mmap_threshold_mb)
@@ -230,8 +243,14 @@ def main() -> None:
         peaks[name] = mem.record()
         return out
 
-    trl = "TRL GRPOTrainer (reference)"
-    trl_times = [] if args.skip_trl else measured(trl, bench_trl, args, docs)
+    trl_precisions = (args.trl_precisions or ("bf16" if torch.cuda.is_available() else "fp32")).split(",")
+    trl_runs: dict[str, list[float]] = {}
+    for i, p in enumerate([] if args.skip_trl else trl_precisions):
+        if p not in ("fp32", "bf16"):
+            raise SystemExit(f"--trl-precisions: {p!r} is not fp32 or bf16")
+        name = f"TRL GRPOTrainer {p}{' (reference)' if i == 0 else ''}"
+        trl_runs[name] = measured(name, bench_trl, args, docs, p == "bf16")
+    trl_times = next(iter(trl_runs.values()), [])
     engine = "vllm" if vllm_available() else "hf"
     plans = (
         []
@@ -245,6 +264,7 @@ def main() -> None:
                 f"resume run_grpo: {engine}, each prompt once, {prec}{', checkpointing' * c}"
                 f"{', heap reuse' * r if args.reuse_heap == 'both' else ''}"
                 f"{', tree attention' * t if args.tree_attention == 'both' else ''}"
+                f"{f', autocast {a}' if a != 'off' else ''}"
             ),
             engine,
             True,
@@ -252,7 +272,9 @@ def main() -> None:
             c,
             r,
             t,
+            a,
         )
+        for a in args.autocast.split(",")
         for prec in precisions
         for c in ckpts
         for r in reuses
@@ -285,7 +307,8 @@ def main() -> None:
 
     if trl_times:
         ref = med(trl_times)
-        print(f"| {trl} | {ref:.2f} | 1.00 | {peak(trl)} |")
+        for name, times in trl_runs.items():
+            print(f"| {name} | {med(times):.2f} | {med(times) / ref:.2f} | {peak(name)} |")
     else:  # --skip-trl: the first of our runs is the reference
         ref = med(next(iter(runs.values()))["time/step"])
     for i, (name, t) in enumerate(runs.items()):
@@ -328,7 +351,8 @@ def main() -> None:
         for step in range(len(t["time/step"])):
             cells = ", ".join(f"{m} {t[f'mem/{m}_mb'][step]:.0f}" for m in marks if f"mem/{m}_mb" in t)
             print(f"  {name}, step {step} RSS MB: {cells}")
-    print(f"per-step seconds: trl {[round(x, 2) for x in trl_times]}")
+    for name, times in trl_runs.items():
+        print(f"per-step seconds: {name} {[round(x, 2) for x in times]}")
     for name, t in runs.items():
         print(f"  {name}: {[round(x, 2) for x in t['time/step']]}")
 

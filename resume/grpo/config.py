@@ -12,6 +12,7 @@ from typing import Any
 
 from resume.grpo.advantages import ADVANTAGE_KINDS
 from resume.grpo.loss import IMPORTANCE_SAMPLING_MODES, LOSS_TYPES
+from resume.utils.devices import AUTOCAST_SETTINGS
 
 IMPORTANCE_SAMPLING_SETTINGS = ("auto", "off", *IMPORTANCE_SAMPLING_MODES)
 
@@ -29,6 +30,7 @@ RESUMABLE_CHANGES = (
     "reuse_heap",
     "preallocate_grads",
     "tree_attention",
+    "autocast_bucket",
 )
 
 
@@ -90,6 +92,16 @@ class GRPOConfig:
     # without the tree's mask, so SDPA skips the blocks above the diagonal (resume/grpo/tree_attention.py):
     # ~half the attention work at P ~ 755, k C = 252. Same values up to float rounding. SDPA models only.
     tree_attention: bool = False
+    # The policy's log-prob forwards (and their checkpointed recompute) under torch.autocast: matmuls and
+    # attention in bf16, the master weights, gradients and AdamW state in fp32. off | bf16 | auto (bf16 on
+    # a GPU that has it and on a CPU where bf16 matmuls are fast: AMX, or AVX512-BF16 measured 1.5x fp32).
+    # Under gradient checkpointing without autocast's weight-cast cache, so no bf16 copy of the model is
+    # held; Lightning's trainer_kwargs.precision=bf16-mixed keeps one through each step instead.
+    autocast: str = "off"
+    # Under autocast, each prefix tree (the checkpointed path) padded to a multiple of this many tokens
+    # with tokens nothing real attends to (logps.prefix_tree_logps): a CPU's bf16 kernels (oneDNN) are
+    # built and cached per shape, ~11 MB of heap for good per new sequence length with SmolLM2. 0 = off.
+    autocast_bucket: int = 64
     lora: dict[str, Any] | None = None  # None = full fine-tuning; else {r, alpha, dropout, target_modules}
     log_completions_every: int = 10  # write a table of sample completions every N steps; 0 = never
     log_completions_rows: int = 32  # rows per table (whole groups first)
@@ -126,6 +138,7 @@ class GRPOConfig:
         at_least("val_max_docs", 1, allow_none=True)
         at_least("max_new_tokens", 1, allow_none=True)
         at_least("top_k", 0, allow_none=True)
+        at_least("autocast_bucket", 0)
         if self.loss_type not in LOSS_TYPES:
             fail(f"loss_type={self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
         if self.advantage not in ADVANTAGE_KINDS:
@@ -140,6 +153,8 @@ class GRPOConfig:
             fail(f"importance_sampling_cap ({cap}) must be > 0 and importance_sampling_floor ({floor}) >= 0")
         if cap is not None and floor is not None and floor >= cap:
             fail(f"importance_sampling_floor ({floor}) must be below importance_sampling_cap ({cap})")
+        if self.autocast not in AUTOCAST_SETTINGS:
+            fail(f"autocast={self.autocast!r} is not one of {', '.join(AUTOCAST_SETTINGS)}")
         if self.advantage_temperature <= 0:
             fail(f"advantage_temperature ({self.advantage_temperature}) must be > 0")
         if self.epsilon_low < 0 or self.epsilon_high < 0:

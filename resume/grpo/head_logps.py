@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from resume.grpo.tied_grad import accumulates_in_place, add_product_to_grad
+from resume.grpo.tied_grad import accumulates_in_place, add_product_to_grad, compute_dtype
 
 _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
@@ -34,35 +34,47 @@ class _HeadLogps(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         logps = hidden.new_empty(hidden.size(0), dtype=torch.float32)
         entropies, lse = torch.empty_like(logps), torch.empty_like(logps)
-        for i in range(0, hidden.size(0), rows):
-            logits = _logits(hidden[i : i + rows], weight, temperature)
-            lse[i : i + rows] = torch.logsumexp(logits, dim=-1)
-            logps[i : i + rows] = logits.gather(-1, targets[i : i + rows, None])[:, 0] - lse[i : i + rows]
-            probs = torch.softmax(logits, dim=-1)
-            entropies[i : i + rows] = lse[i : i + rows] - (probs * logits).sum(-1)
+        dtype = compute_dtype(hidden)  # under autocast its dtype, cast here: the cast outlives no chunk
+        # in bf16 (fp16) a short last chunk is padded to `rows`: one matmul shape, not one per length
+        # (oneDNN caches CPU kernels per shape)
+        pad = rows if dtype != torch.float32 else 0
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for i in range(0, hidden.size(0), rows):
+                logits = _logits(hidden[i : i + rows], w, temperature, pad)
+                lse[i : i + rows] = torch.logsumexp(logits, dim=-1)
+                logps[i : i + rows] = logits.gather(-1, targets[i : i + rows, None])[:, 0] - lse[i : i + rows]
+                probs = torch.softmax(logits, dim=-1)
+                entropies[i : i + rows] = lse[i : i + rows] - (probs * logits).sum(-1)
         ctx.save_for_backward(hidden, targets, lse)
-        ctx.weight, ctx.temperature, ctx.rows = weight, temperature, rows
+        ctx.weight, ctx.temperature, ctx.rows, ctx.dtype, ctx.pad = weight, temperature, rows, dtype, pad
         ctx.in_place = accumulates_in_place(weight)
         ctx.mark_non_differentiable(entropies)
         return logps, entropies
 
     @staticmethod
     def backward(ctx: Any, grad_logps: Tensor, _grad_entropies: Tensor) -> tuple[Tensor | None, ...]:
+        with torch.autocast(grad_logps.device.type, enabled=False):  # the dtypes are the forward's
+            return _HeadLogps._backward(ctx, grad_logps)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_logps: Tensor) -> tuple[Tensor | None, ...]:
         hidden, targets, lse = ctx.saved_tensors
         weight: Tensor = ctx.weight
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         # autograd's gradient for the weight, unless it goes straight into .grad (tied_grad_in_place)
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] and not ctx.in_place else None
+        w = weight.to(ctx.dtype)  # the forward's logits again, in the forward's dtype
         for i in range(0, hidden.size(0), ctx.rows):
             h = hidden[i : i + ctx.rows]
             # d logp / d logits = onehot(target) - softmax, times the incoming gradient, / temperature
-            g = torch.exp(_logits(h, weight, ctx.temperature) - lse[i : i + ctx.rows, None])
+            g = torch.exp(_logits(h, w, ctx.temperature, ctx.pad) - lse[i : i + ctx.rows, None])
             g.mul_(-grad_logps[i : i + ctx.rows, None])
             g.scatter_add_(-1, targets[i : i + ctx.rows, None], grad_logps[i : i + ctx.rows, None])
             g.div_(ctx.temperature)
             g = g.to(hidden.dtype)
             if grad_hidden is not None:
-                grad_hidden[i : i + ctx.rows] = g @ weight.to(g.dtype)
+                grad_hidden[i : i + ctx.rows] = _matmul(g.to(w.dtype), w, ctx.pad).to(hidden.dtype)
             if ctx.in_place:
                 add_product_to_grad(weight, g.t(), h)
             elif grad_weight is not None:
@@ -70,9 +82,18 @@ class _HeadLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def _logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
-    logits = (hidden @ weight.to(hidden.dtype).t()).float()
+def _logits(hidden: Tensor, weight: Tensor, temperature: float, pad: int = 0) -> Tensor:
+    """fp32 logits of `hidden` computed in `weight`'s dtype (as `pad` rows when it has fewer)."""
+    logits = _matmul(hidden.to(weight.dtype), weight.t(), pad).float()
     return logits if temperature == 1.0 else logits.div_(temperature)
+
+
+def _matmul(a: Tensor, b: Tensor, pad: int = 0) -> Tensor:
+    """`a @ b`, run with `a` zero-padded to `pad` rows when it has fewer (the extra rows dropped)."""
+    n = a.size(0)
+    if n >= pad:
+        return a @ b
+    return (torch.cat([a, a.new_zeros(pad - n, a.size(1))]) @ b)[:n]
 
 
 def head_logps(
@@ -102,7 +123,7 @@ def plain_head(model: torch.nn.Module) -> bool:
         ids = torch.arange(8, device=device)[None] % head.weight.size(0)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # fp32 on both sides
             full = model(input_ids=ids, use_cache=False).logits.float()
             ours = _logits(get_decoder()(input_ids=ids, use_cache=False).last_hidden_state, head.weight, 1.0)
         model.train(was_training)

@@ -11,8 +11,10 @@ float summation order (tested), no `[V, D]` temporary.
 
 It writes `.grad` itself, around autograd's accumulation, so it is only for one process holding whole
 weights: DDP's and FSDP's hooks (and DeepSpeed's partitioned gradients) never see it. `GRPOModule`
-enables it on a single-device strategy only, and only where the weight is tied, trainable, and the
-forward runs without autocast; anywhere else the modules' own forward runs.
+enables it on a single-device strategy only, and only where the weight is tied and trainable; anywhere
+else the modules' own forward runs. Under autocast the projection runs in the autocast dtype, as
+`F.linear` would (the weight cast inside the function, so no autocast cache keeps the cast), and its
+weight gradient is accumulated in the weight's own dtype.
 """
 
 from __future__ import annotations
@@ -38,9 +40,16 @@ def add_product_to_grad(weight: Tensor, a: Tensor, b: Tensor) -> None:
     """`weight.grad += a @ b`, the product written into `.grad` itself once it exists (`addmm_`): no
     `[V, D]` temporary. The first contribution becomes `.grad`, as autograd's accumulation does."""
     if weight.grad is None:
-        weight.grad = (a @ b).to(weight.dtype)
+        weight.grad = a.to(weight.dtype) @ b.to(weight.dtype)
     else:
         weight.grad.addmm_(a.to(weight.grad.dtype), b.to(weight.grad.dtype))
+
+
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype a matmul on `tensor` runs in here: the autocast dtype when autocast is on for its
+    device, else its own."""
+    kind = tensor.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else tensor.dtype
 
 
 class _Lookup(torch.autograd.Function):
@@ -68,16 +77,20 @@ class _Project(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(hidden)
-        ctx.weight = weight
-        return F.linear(hidden, weight)
+        ctx.weight, ctx.dtype = weight, compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.to(ctx.dtype), weight.to(ctx.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad_logits: Tensor) -> tuple[Tensor | None, None]:
         (hidden,) = ctx.saved_tensors
         weight: Tensor = ctx.weight
-        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
-        g = grad_logits.reshape(-1, grad_logits.size(-1))
-        add_product_to_grad(weight, g.t(), hidden.reshape(-1, hidden.size(-1)))
+        grad_hidden = None
+        with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are the forward's
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (grad_logits.to(ctx.dtype) @ weight.to(ctx.dtype)).to(hidden.dtype)
+            g = grad_logits.reshape(-1, grad_logits.size(-1))
+            add_product_to_grad(weight, g.t(), hidden.reshape(-1, hidden.size(-1)))
         return grad_hidden, None
 
 
@@ -106,9 +119,9 @@ def tied_weight(model: torch.nn.Module) -> Tensor | None:
 def tied_grad_in_place(model: torch.nn.Module) -> Iterator[bool]:
     """Within the block, the model's tied embedding and projection (see `tied_weight`) run the functions
     above, so the backward of what the block computes accumulates their gradient in place. Yields
-    whether it did: False (and nothing changed) for an untied, frozen or autocast model."""
+    whether it did: False (and nothing changed) for an untied or frozen model."""
     weight = tied_weight(model)
-    if weight is None or not weight.requires_grad or torch.is_autocast_enabled(weight.device.type):
+    if weight is None or not weight.requires_grad:
         yield False
         return
     embedding, projection = model.get_input_embeddings(), model.get_output_embeddings()

@@ -33,7 +33,7 @@ from resume.grpo.rollouts import PackedBatch, pack_completions
 from resume.grpo.tied_grad import tied_grad_in_place
 from resume.summarizer.generate import Completion
 from resume.utils import distributed
-from resume.utils.devices import dtype_name
+from resume.utils.devices import dtype_name, training_autocast_dtype
 from resume.utils.memory import PhaseMeter, heap_reuse
 
 
@@ -41,12 +41,19 @@ class PolicyUpdate:
     """`num_iterations` optimizer steps on one rollout batch (`_update`), mixed into `GRPOModule`."""
 
     def _logps(self, model: torch.nn.Module, packed: PackedBatch) -> tuple[Tensor, Tensor]:
+        with self._autocast():
+            return self._logps_of(model, packed)
+
+    def _logps_of(self, model: torch.nn.Module, packed: PackedBatch) -> tuple[Tensor, Tensor]:
         # Each prompt once per group (exact, ~3x fewer tokens at k=4): through a shared KV cache, or,
         # under gradient checkpointing (where HF turns the cache off), as one prefix-tree sequence.
         if self.config.shared_prompt:
             tree = self.config.gradient_checkpointing and model.training
             path = prefix_tree_logps if tree else shared_prompt_logps
             chunked = self.config.chunked_head and plain_head(model)
+            if tree:  # padded to a few shapes where the forward autocasts (see autocast_bucket)
+                bucket = self.config.autocast_bucket if self.autocast_dtype() is not None else 0
+                return path(model, packed, self.rollout.temperature, chunked_head=chunked, bucket=bucket)
             return path(model, packed, self.rollout.temperature, chunked_head=chunked)
         return sequence_logps(
             model,
@@ -69,8 +76,9 @@ class PolicyUpdate:
         """The off-policy correction this batch gets (`config.importance_sampling`), or None.
 
         `auto` corrects when the engine reported log-probs and generates in another dtype than the
-        policy trains in (a bf16 vLLM engine, an fp32 policy): its samples come from slightly other
-        probabilities. With the same dtype and synced weights the rollouts are on-policy.
+        policy trains in (a bf16 vLLM engine, an fp32 policy), or the training forward runs under
+        autocast (`config.autocast`): its samples come from slightly other probabilities than the
+        training forward's. With fp32 on both sides and synced weights the rollouts are on-policy.
         """
         setting = self.config.importance_sampling
         has_logps = all(c.logprobs is not None for c in completions)
@@ -86,7 +94,8 @@ class PolicyUpdate:
             return setting
         engine_dtype = self.summarizer.backend_info().get("dtype")
         policy_dtype = dtype_name(next(self.policy.parameters()).dtype)
-        return "token_truncate" if has_logps and engine_dtype != policy_dtype else None
+        same = engine_dtype == policy_dtype and self.autocast_dtype() is None
+        return "token_truncate" if has_logps and not same else None
 
     def _update(self, completions: Sequence[Completion], advantages: Tensor) -> dict[str, float]:
         """`num_iterations` optimizer steps on one rollout batch (this rank's rows of it); returns the
@@ -202,6 +211,26 @@ class PolicyUpdate:
             floor=cfg.importance_sampling_floor,
         )
         return w, {f"train/{k}": v for k, v in w_stats.items()}
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the log-prob forwards autocast to (`config.autocast` on this device), or None."""
+        key = (self.config.autocast, str(self.device))
+        if getattr(self, "_autocast_key", None) != key:
+            self._autocast_key = key
+            self._autocast_to = training_autocast_dtype(self.config.autocast, self.device)
+        return self._autocast_to
+
+    def _autocast(self) -> Any:
+        """`torch.autocast` to `autocast_dtype()` around a log-prob forward, or nothing. Under gradient
+        checkpointing without the weight-cast cache: each layer casts its weights as it runs (and again in
+        its recompute), so no bf16 copy of the model outlives its layer; without checkpointing the
+        backward keeps every cast anyway, and the cache casts each weight once."""
+        dtype = self.autocast_dtype()
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(
+            self.device.type, dtype=dtype, cache_enabled=not self.config.gradient_checkpointing
+        )
 
     def _tied_grad(self) -> Any:
         """`tied_grad_in_place` around a training forward: one process holding whole weights only (its

@@ -154,6 +154,27 @@ def generation_dtype(
     return torch.bfloat16 if device.type == "cpu" and cpu_bf16_is_fast() else torch.float32
 
 
+AUTOCAST_SETTINGS = ("off", "bf16", "auto")
+
+
+def training_autocast_dtype(
+    setting: str, device: torch.device | str, key: str = "grpo.config.autocast"
+) -> torch.dtype | None:
+    """The dtype a training forward autocasts to (fp32 master weights, gradients and optimizer state):
+    `off` -> None (fp32 throughout), `bf16` -> bf16, `auto` -> bf16 on a CUDA GPU that supports it and
+    on a CPU where bf16 matmuls are fast (`cpu_bf16_is_fast`), None elsewhere."""
+    if setting not in AUTOCAST_SETTINGS:
+        raise ValueError(f"{key}={setting!r} must be one of {', '.join(AUTOCAST_SETTINGS)}")
+    if setting == "off":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_bf16_is_fast() else None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -87,3 +87,24 @@ def test_plain_head_tells_models_whose_logits_are_the_projection_of_the_last_hid
 
     assert not plain_head(Scaled(model))
     assert not plain_head(torch.nn.Linear(2, 2))  # no decoder at all
+
+
+def test_under_bf16_autocast_the_head_runs_in_bf16_with_fp32_gradients():
+    """Under autocast (`grpo.config.autocast`) the chunked head computes the logits in bf16, as autograd's
+    own `hidden @ weight.T` does there, and returns fp32 log-probs and fp32 gradients close to those."""
+    hidden, weight, targets, upstream = _inputs(seed=2)
+    exact = selective_log_softmax(hidden @ weight.t(), targets).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = selective_log_softmax((hidden @ weight.t()).float(), targets)
+    (expected * upstream).sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        logps, _ = head_logps(hidden, weight, targets, chunk_rows=8)
+    (logps * upstream).sum().backward()
+    assert logps.dtype == hidden.grad.dtype == weight.grad.dtype == torch.float32
+    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-5)  # the same bf16 logits
+    assert (logps - exact).abs().max() > 1e-3  # and not fp32's: the head did run in bf16
+    for ours, theirs in zip((hidden.grad, weight.grad), grads):
+        assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-2
