@@ -70,6 +70,7 @@ def test_grpo_raises_a_toy_reward(compose_in_tmp, tmp_path, seed, autocast):
         f"seed {seed}: reward {first:.3f} -> {last:.3f}: {np.round(rewards, 2).tolist()}"
     )
     assert stats["reward_mean"] == pytest.approx(np.mean(rewards[-math.ceil(STEPS / 4) :]))  # last 25%
+    assert stats["autocast"] == {"off": "off", "bf16": "bfloat16"}[autocast]  # what the forwards ran in
     unchanged = [n for n, p in summarizer.model.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged, f"parameters never updated: {unchanged}"
     assert (tmp_path / "grpo" / "summarizer" / "config.json").is_file()

@@ -25,6 +25,7 @@ from resume.grpo.history import history_stats, plot_history, write_history
 from resume.grpo.module import GRPOModule, OptimizerFactory, SchedulerFactory
 from resume.grpo.rollouts import RolloutBatches, split_validation
 from resume.utils import distributed
+from resume.utils.devices import dtype_name
 from resume.utils.io import atomic_write_json
 from resume.utils.lightning import check_trainer_kwargs, make_trainer, release_fit
 
@@ -91,7 +92,8 @@ def run_grpo(
         `steps`, `reward_mean` (mean over the last 25% of the steps), `reward_first/last`,
         `separator_rate_first/last`, `val_reward_first/last`, `val_separator_rate_first/last`,
         `completion_length_first/last`, `tokens_generated`, `train_seconds` (all steps), `seconds` (this
-        call), `resumed`, and the paths `summarizer`, `history`, `curves`.
+        call), `resumed`, `autocast` (what the update's forwards ran in: `off` or a dtype), and the paths
+        `summarizer`, `history`, `curves`.
     """
     config = config or GRPOConfig()
     if iteration:
@@ -165,6 +167,7 @@ def run_grpo(
     finally:
         module.finalize()
         completed = trainer.global_step // config.num_iterations  # module.completed_steps, before detaching
+        autocast = module.autocast_dtype()
         # the trained summarizer would keep the trainer (and AdamW's two moments per weight) alive
         release_fit(trainer, module)
         module.reference = None
@@ -186,6 +189,7 @@ def run_grpo(
         **history_stats(module.history),
         "seconds": round(seconds, 2),
         "resumed": resume is not None,
+        "autocast": "off" if autocast is None else dtype_name(autocast),  # what the update's forwards ran in
         "train_docs": len(train_ids),
         "val_docs": len(val_ids),
         "summarizer": str(export),
