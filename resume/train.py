@@ -53,9 +53,15 @@ def results_table(results: dict[str, Any]) -> str:
     engine = ""
     if generation:
         engine = f"generation: {generation['engine']} {generation.get('dtype', '')}".rstrip()
+    # what the GRPO update's forwards ran in, per round (run_grpo's `autocast`)
+    updates = sorted(
+        {(it.get("grpo") or {}).get("autocast") for it in results.get("iterations", [])} - {None}
+    )
+    update = ", ".join("fp32" if a == "off" else f"{a} autocast" for a in updates)
     lines = [
         f"budget: {results['budget']}",
         *([engine] if engine else []),
+        *([f"GRPO update: {update}"] if update else []),
         "",
         "| row | ablation | split | corpus indexed | queries | " + " | ".join(names) + " |",
         "|---|---|---|---|---|" + "---|" * len(names),
