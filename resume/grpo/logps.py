@@ -254,8 +254,8 @@ def _prefix_tree_mask(
     same_row = row_of[:, None] == row_of[None, :]
     block_to_block = in_block[:, None] & in_block[None, :]
     attend = causal & (block_to_block | is_row[:, None] & (same_row | is_prompt[None, :]))
-    if tail:
-        attend[-tail:] = torch.eye(n, dtype=torch.bool, device=device)[-tail:]
+    if tail:  # the tail's rows are empty so far
+        attend[-tail:, -tail:] = torch.eye(tail, dtype=torch.bool, device=device)
     return attend
 
 

@@ -63,7 +63,7 @@ from resume.grpo.tree_attention import use_tree_attention
 from resume.grpo.update import PolicyUpdate
 from resume.summarizer.generate import Completion, GenerationParams
 from resume.utils import distributed
-from resume.utils.devices import seeded
+from resume.utils.devices import dtype_name, seeded
 from resume.utils.memory import PhaseMeter
 from resume.utils.optim import decay_groups
 
@@ -194,6 +194,13 @@ class GRPOModule(PolicyUpdate, pl.LightningModule):
         self.policy.train()
         if self.reference is not None:
             self.reference.eval()
+        amp = self.autocast_dtype()
+        log.info(
+            "GRPO update: log-prob forwards in %s (grpo.config.autocast=%s on %s)",
+            "fp32" if amp is None else f"{dtype_name(amp)} autocast",
+            self.config.autocast,
+            self.device,
+        )
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(decay_groups(self.policy.named_parameters()))

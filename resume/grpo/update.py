@@ -17,7 +17,6 @@ A mixin of the Lightning module: it reads the module's `config` (`GRPOConfig`), 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,8 +35,6 @@ from resume.summarizer.generate import Completion
 from resume.utils import distributed
 from resume.utils.devices import dtype_name, training_autocast_dtype
 from resume.utils.memory import PhaseMeter, heap_reuse
-
-log = logging.getLogger(__name__)
 
 
 class PolicyUpdate:
@@ -217,17 +214,7 @@ class PolicyUpdate:
 
     def autocast_dtype(self) -> torch.dtype | None:
         """The dtype the log-prob forwards autocast to (`config.autocast` on this device), or None."""
-        key = (self.config.autocast, str(self.device))
-        if getattr(self, "_autocast_key", None) != key:
-            self._autocast_key = key
-            self._autocast_to = training_autocast_dtype(self.config.autocast, self.device)
-            log.info(
-                "GRPO update: log-prob forwards in %s (grpo.config.autocast=%s on %s)",
-                "fp32" if self._autocast_to is None else f"{dtype_name(self._autocast_to)} autocast",
-                self.config.autocast,
-                self.device,
-            )
-        return self._autocast_to
+        return training_autocast_dtype(self.config.autocast, self.device)
 
     def _autocast(self) -> Any:
         """`torch.autocast` to `autocast_dtype()` around a log-prob forward, or nothing. Under gradient
