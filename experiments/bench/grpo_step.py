@@ -244,10 +244,10 @@ def main() -> None:
         return out
 
     trl_precisions = (args.trl_precisions or ("bf16" if torch.cuda.is_available() else "fp32")).split(",")
+    if bad := [p for p in trl_precisions if p not in ("fp32", "bf16")]:
+        raise SystemExit(f"--trl-precisions: {bad} are not fp32 or bf16")
     trl_runs: dict[str, list[float]] = {}
     for i, p in enumerate([] if args.skip_trl else trl_precisions):
-        if p not in ("fp32", "bf16"):
-            raise SystemExit(f"--trl-precisions: {p!r} is not fp32 or bf16")
         name = f"TRL GRPOTrainer {p}{' (reference)' if i == 0 else ''}"
         trl_runs[name] = measured(name, bench_trl, args, docs, p == "bf16")
     trl_times = next(iter(trl_runs.values()), [])
