@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 @dataclass(frozen=True)
@@ -189,11 +190,29 @@ class GenerationBackend(Protocol):
         ...
 
 
+_STEPS = "_resume_optimizer_steps"  # a parameter's count of optimizer steps that wrote it
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            setattr(p, _STEPS, getattr(p, _STEPS, 0) + 1)
+
+
+# Fused optimizer kernels (torch.optim.AdamW(fused=True), conf/grpo/default.yaml's) write the parameters
+# without bumping their version counters, so `weights_version` also counts the steps of every optimizer
+# (a global post-step hook of torch.optim: a few microseconds a step).
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def weights_version(model: torch.nn.Module) -> tuple[Any, ...]:
     """A cheap key that changes whenever a parameter of `model` is written to or replaced.
 
-    Every in-place write (an optimizer step, `load_state_dict`, `copy_`) bumps a tensor's version
-    counter, and moving or re-creating a parameter changes its storage; reading the key touches no
-    weight, so it costs microseconds even for a 4B model.
+    Every in-place write (`load_state_dict`, `copy_`, an unfused optimizer step) bumps a tensor's
+    version counter, moving or re-creating a parameter changes its storage, and every optimizer step
+    is counted on the parameters it updates (a fused kernel bumps no version counter); reading the key
+    touches no weight, so it costs microseconds even for a 4B model.
     """
-    return (id(model),) + tuple((n, p.data_ptr(), p._version) for n, p in model.named_parameters())
+    return (id(model),) + tuple(
+        (n, p.data_ptr(), p._version, getattr(p, _STEPS, 0)) for n, p in model.named_parameters()
+    )
