@@ -107,6 +107,22 @@ def test_the_engine_follows_the_weights_an_optimizer_step_wrote(summarizer):
     assert [c.token_ids for c in after] != [c.token_ids for c in before], "the step changed no output"
 
 
+def test_released_weights_are_loaded_again_before_the_engine_generates(summarizer):
+    backend = summarizer.backend
+    docs = make_docs()
+    before, _ = greedy_pair(summarizer, docs)
+    # every packed layer of the engine: 4 a block (vLLM merges q, k, v and gate, up; o; down), the
+    # embedding and the head (vLLM packs both, tied or not)
+    released = backend.release_weights()
+    assert released == summarizer.model.config.num_hidden_layers * 4 + 2
+    assert backend.release_weights() == 0  # nothing left to free
+    syncs = backend.syncs
+    after, hf = greedy_pair(summarizer, docs)  # unchanged weights, yet reloaded: the engine had none
+    assert backend.syncs == syncs + 1
+    assert [c.token_ids for c in after] == [c.token_ids for c in before] == [c.token_ids for c in hf]
+    assert backend.release_weights() == released  # the reload packed them again
+
+
 def test_sampled_logprobs_are_the_policys_and_seeds_reproduce(summarizer):
     docs = make_docs(3)
     params = GenerationParams(
@@ -150,8 +166,14 @@ def test_lora_adapters_reach_the_engine_merged():
     )
 
 
+@pytest.mark.parametrize(
+    "fused, release",
+    # the default run's settings (fused AdamW, which bumps no version counter; the engine's weights
+    # released during each update), and an unfused optimizer keeping the engine whole
+    [(True, True), (True, False), (False, False)],
+)
 def test_grpo_rollouts_come_from_the_engine_with_weights_synced_every_step(
-    compose_in_tmp, tmp_path, monkeypatch
+    compose_in_tmp, tmp_path, monkeypatch, fused, release
 ):
     from resume.grpo.module import GRPOModule
 
@@ -169,6 +191,9 @@ def test_grpo_rollouts_come_from_the_engine_with_weights_synced_every_step(
     summarizer.backend.generate = lambda prompts, params: (
         calls.append(len(prompts)) or generate(prompts, params)
     )
+    released = []  # layers whose packed weights each update freed (the sync after it loads them again)
+    release_weights = summarizer.backend.release_weights
+    summarizer.backend.release_weights = lambda: released.append(release_weights()) or released[-1]
     syncs = summarizer.backend.syncs
     steps = 3
     config = GRPOConfig(
@@ -180,6 +205,7 @@ def test_grpo_rollouts_come_from_the_engine_with_weights_synced_every_step(
         log_completions_every=0,
         checkpoint_every=0,
         importance_sampling="token_truncate",  # same dtype: the weights must come out ~1
+        release_engine_in_update=release,
     )
     run_grpo(
         summarizer,
@@ -188,9 +214,11 @@ def test_grpo_rollouts_come_from_the_engine_with_weights_synced_every_step(
         sorted(data.corpus),
         out_dir=tmp_path / "grpo",
         config=config,
-        optimizer=functools.partial(torch.optim.AdamW, lr=3e-2, weight_decay=0.0),
+        optimizer=functools.partial(torch.optim.AdamW, lr=3e-2, weight_decay=0.0, fused=fused),
     )
     assert calls == [2] * steps  # every rollout batch came from the engine
+    packed = summarizer.model.config.num_hidden_layers * 4 + 2  # 4 packed layers a block, embedding, head
+    assert released == ([packed] * steps if release else [])
     assert summarizer.backend.syncs - syncs >= steps  # after every optimizer step
     history = [json.loads(x) for x in (tmp_path / "grpo" / "grpo_history.jsonl").read_text().splitlines()]
     assert all(h["time/sync"] > 0 for h in history)

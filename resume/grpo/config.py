@@ -31,6 +31,7 @@ RESUMABLE_CHANGES = (
     "preallocate_grads",
     "tree_attention",
     "autocast_bucket",
+    "release_engine_in_update",
 )
 
 
@@ -102,6 +103,11 @@ class GRPOConfig:
     # with tokens nothing real attends to (logps.prefix_tree_logps): a CPU's bf16 kernels (oneDNN) are
     # built and cached per shape, ~11 MB of heap for good per new sequence length with SmolLM2. 0 = off.
     autocast_bucket: int = 64
+    # The generation engine's copy of the weights freed while the update runs (a CPU vLLM engine's packed
+    # linear layers: ~0.3 GB for SmolLM2 in bf16) and loaded again by the weight sync that follows every
+    # update anyway: the update's memory peak without them, the same rollouts. Nothing happens with an
+    # engine that has no such copy (HF generate, a GPU engine).
+    release_engine_in_update: bool = False
     lora: dict[str, Any] | None = None  # None = full fine-tuning; else {r, alpha, dropout, target_modules}
     log_completions_every: int = 10  # write a table of sample completions every N steps; 0 = never
     log_completions_rows: int = 32  # rows per table (whole groups first)

@@ -310,6 +310,8 @@ class GRPOModule(PolicyUpdate, pl.LightningModule):
             advantages = group_advantages(
                 total, k, kind=cfg.advantage, scale=cfg.scale_rewards, temperature=cfg.advantage_temperature
             )
+        if cfg.release_engine_in_update:  # the sync below loads the new weights into the engine again
+            self.summarizer.release_engine_weights()
         with meter("update"):
             stats = self._update(completions, advantages)
         with distributed.full_parameters(self._trainer):

@@ -103,6 +103,12 @@ class SummarizerModule(pl.LightningModule):
         sync = getattr(self.backend, "sync_weights", None)
         return float(sync()) if callable(sync) else 0.0
 
+    def release_engine_weights(self) -> int:
+        """Free the engine's copy of the weights until the next sync (`VLLMBackend.release_weights`);
+        0 for a backend that has none to free (HF generates from the model itself)."""
+        release = getattr(self.backend, "release_weights", None)
+        return int(release()) if callable(release) else 0
+
     def release_backend(self) -> None:
         release = getattr(self.backend, "release", None)
         if callable(release):

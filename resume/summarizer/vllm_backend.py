@@ -47,6 +47,7 @@ from resume.summarizer.vllm_engine import (
     kv_bytes_per_token,
     plain_weights,
     planned_kv_tokens,
+    release_engine_weights,
     release_engines,
     shutdown_engine,
     to_completions,
@@ -54,6 +55,7 @@ from resume.summarizer.vllm_engine import (
 )
 from resume.utils.config import default_cache_dir
 from resume.utils.devices import dtype_name, generation_dtype
+from resume.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +283,19 @@ class VLLMBackend:
         shutdown_engine(llm)
         del llm
         gc.collect()
+
+    def release_weights(self) -> int:
+        """Free the engine's copy of the weights until the next `sync_weights` (which `generate` runs
+        first): for a phase that changes the weights anyway and needs the memory, a GRPO update. CPU
+        engines only (their packed linear layers, ~0.3 GB for SmolLM2 in bf16); elsewhere, or with no
+        engine started, nothing happens. Returns the number of layers released."""
+        llm = ENGINES.get(self.engine_key())
+        if llm is None:
+            return 0
+        dropped = release_engine_weights(llm)
+        if dropped:
+            release_memory()
+        return dropped
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt block (benchmarks: a repeated pass would otherwise skip its

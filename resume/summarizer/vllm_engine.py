@@ -55,6 +55,38 @@ def release_engines() -> None:
     gc.collect()
 
 
+def _weights_released(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError(
+        "this vLLM engine's weights were released (release_engine_weights) and not loaded again: "
+        "sync the model's weights into it (VLLMBackend.sync_weights) before generating"
+    )
+
+
+def _drop_packed_linears(worker: Any) -> int:
+    """Runs in the engine's worker: drop the packed copy each CPU linear layer (and the tied head)
+    keeps of its weight, `layer.cpu_linear` (vLLM 0.32 CPU: a oneDNN handle that owns it, freed with
+    it); the next `reload_weights` repacks them. Returns how many layers had one (0 on a GPU)."""
+    dropped = 0
+    for module in worker.model_runner.model.modules():
+        if callable(getattr(module, "cpu_linear", None)) and module.cpu_linear is not _weights_released:
+            module.cpu_linear = _weights_released
+            dropped += 1
+    return dropped
+
+
+def release_engine_weights(llm: Any) -> int:
+    """Free the weights a CPU engine holds until its next weight sync: the packed copies of its linear
+    layers (SmolLM2-135M in bf16: ~0.3 GB). A GRPO update, which syncs new weights into the engine
+    when it ends anyway, runs without them; the engine cannot generate until then (a clear error if
+    asked). Returns the number of layers released; 0 (nothing done) where the engine has none, e.g.
+    on a GPU."""
+    dropped = sum(llm.collective_rpc(_drop_packed_linears))
+    if dropped:
+        LOADED.pop(id(llm), None)  # the next sync_weights reloads, whatever the model's version
+        gc.collect()
+    return dropped
+
+
 def shutdown_engine(llm: Any) -> None:
     """Stop one engine now (its core's shutdown, which also disarms its exit handler) and forget which
     weights it held. vLLM 0.32's `LLMEngine` has no `shutdown`: the engine core client has it."""
