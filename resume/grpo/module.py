@@ -314,10 +314,8 @@ class GRPOModule(PolicyUpdate, pl.LightningModule):
             self.summarizer.release_engine_weights()
         with meter("update"):
             stats = self._update(completions, advantages)
-        with distributed.full_parameters(self._trainer):
-            sync = (
-                self.summarizer.sync_weights()
-            )  # the engine generates the next rollouts from the new weights
+        with distributed.full_parameters(self._trainer):  # the next rollouts come from the new weights
+            sync = self.summarizer.sync_weights()
 
         lengths = torch.tensor([c.num_tokens for c in completions], dtype=torch.float32)
         stats.update(

@@ -285,10 +285,9 @@ class VLLMBackend:
         gc.collect()
 
     def release_weights(self) -> int:
-        """Free the engine's copy of the weights until the next `sync_weights` (which `generate` runs
-        first): for a phase that changes the weights anyway and needs the memory, a GRPO update. CPU
-        engines only (their packed linear layers, ~0.3 GB for SmolLM2 in bf16); elsewhere, or with no
-        engine started, nothing happens. Returns the number of layers released."""
+        """Free the engine's copy of the weights until the next `sync_weights` (`generate` runs one) for a
+        phase that changes the weights anyway, a GRPO update: a CPU engine's packed layers (SmolLM2, bf16:
+        0.31 GB); nothing elsewhere or with no engine started. Returns the number of layers released."""
         llm = ENGINES.get(self.engine_key())
         if llm is None:
             return 0

@@ -80,10 +80,9 @@ def release_engine_weights(llm: Any) -> int:
     when it ends anyway, runs without them; the engine cannot generate until then (a clear error if
     asked). Returns the number of layers released; 0 (nothing done) where the engine has none, e.g.
     on a GPU."""
-    dropped = sum(llm.collective_rpc(_drop_packed_linears))
+    dropped = sum(llm.collective_rpc(_drop_packed_linears))  # each handle is freed as it is replaced
     if dropped:
         LOADED.pop(id(llm), None)  # the next sync_weights reloads, whatever the model's version
-        gc.collect()
     return dropped
 
 
