@@ -61,7 +61,7 @@ from resume.grpo.lora import add_lora
 from resume.grpo.rollouts import doc_pair
 from resume.grpo.tree_attention import use_tree_attention
 from resume.grpo.update import PolicyUpdate
-from resume.summarizer.generate import Completion, GenerationParams
+from resume.summarizer.generate import Completion, GenerationParams, mark_weights_written
 from resume.utils import distributed
 from resume.utils.devices import dtype_name, seeded
 from resume.utils.memory import PhaseMeter
@@ -314,6 +314,7 @@ class GRPOModule(PolicyUpdate, pl.LightningModule):
             self.summarizer.release_engine_weights()
         with meter("update"):
             stats = self._update(completions, advantages)
+            mark_weights_written(self.policy.parameters())  # however the optimizer wrote them
         with distributed.full_parameters(self._trainer):  # the next rollouts come from the new weights
             sync = self.summarizer.sync_weights()
 

@@ -18,7 +18,7 @@ A backend that keeps its own copy of the weights re-reads them when they changed
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -193,10 +193,18 @@ class GenerationBackend(Protocol):
 _STEPS = "_resume_optimizer_steps"  # a parameter's count of optimizer steps that wrote it
 
 
+def mark_weights_written(params: Iterable[torch.Tensor]) -> None:
+    """Move `weights_version` of every model holding `params`, for writes no version counter sees (a
+    fused optimizer kernel, a copy through `.data`). Every torch optimizer's step does it for the
+    parameters it steps; a trainer whose optimizer steps other tensors (DeepSpeed's ZeRO optimizers
+    step their own fp32 partitions, then copy into the model) does it for the model's: GRPO does,
+    after each update."""
+    for p in params:
+        setattr(p, _STEPS, getattr(p, _STEPS, 0) + 1)
+
+
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            setattr(p, _STEPS, getattr(p, _STEPS, 0) + 1)
+    mark_weights_written(p for group in optimizer.param_groups for p in group["params"])
 
 
 # Fused optimizer kernels (torch.optim.AdamW(fused=True), conf/grpo/default.yaml's) write the parameters

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from resume.summarizer.generate import weights_version
+from resume.summarizer.generate import mark_weights_written, weights_version
 from resume.summarizer.hf_backend import HFBackend
 
 
@@ -36,6 +36,15 @@ def test_every_optimizer_step_changes_the_version_and_nothing_else_does(fused):
     other = torch.nn.Linear(4, 3)
     step(other, torch.optim.AdamW(other.parameters(), fused=fused))  # another model's step
     assert weights_version(model) == v2
+
+
+def test_a_write_through_data_is_seen_once_marked():
+    model = torch.nn.Linear(4, 3)
+    v0 = weights_version(model)
+    model.weight.data.copy_(torch.zeros(3, 4))  # .data has a version counter of its own
+    assert weights_version(model) == v0
+    mark_weights_written(model.parameters())
+    assert weights_version(model) != v0
 
 
 def test_fused_adamw_writes_bump_no_version_counter():
