@@ -169,7 +169,8 @@ def test_lora_adapters_reach_the_engine_merged():
 @pytest.mark.parametrize(
     "fused, release",
     # the default run's settings (fused AdamW, which bumps no version counter; the engine's weights
-    # released during each update), and an unfused optimizer keeping the engine whole
+    # released during each update); fused AdamW alone, where only the counted optimizer steps make the
+    # engine reload (the engine stayed stale before that fix); an unfused optimizer
     [(True, True), (True, False), (False, False)],
 )
 def test_grpo_rollouts_come_from_the_engine_with_weights_synced_every_step(
